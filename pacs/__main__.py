@@ -1,0 +1,5 @@
+"""`python -m pacs` runs the `vnpacs` command line."""
+
+from pacs.cli import app
+
+app()

@@ -1,0 +1,126 @@
+"""The one place the application is wired: settings → engine, blob store, archive, DIMSE server, HTTP app."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine, select
+
+from pacs.dimse import Destination, DimseServer
+from pacs.settings import Settings
+from storage import db
+from storage.blobstore import BlobStore, FileBlobStore, open_blob_store
+from storage.ingest import Archive, Journal, StorageUnavailable
+from storage.models import RemoteAE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    blobs: BlobStore
+    archive: Archive
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self.archive.journal is not None:
+            self.archive.journal.close(remove=True)
+
+
+def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | None = None) -> Runtime:
+    """Engine, blob store and archive for `settings`; migrates the schema first unless told not to.
+
+    `journal` names this process's ingest journal ("serve", "import"...); a process that stores objects needs one.
+    """
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url
+    if migrate:
+        db.upgrade(url)
+    engine = db.make_engine(url)
+    blobs = open_blob_store(
+        settings.resolved_storage_url,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        tmp_dir=settings.tmp_dir,
+    )
+    journal_file = None
+    if journal is not None:
+        name = f"{settings.node_id}-{journal}" if journal == "serve" else f"{settings.node_id}-{journal}-{os.getpid()}"
+        journal_file = Journal(settings.data_dir.resolve() / "journal" / f"{name}.log")
+    archive = Archive(engine, blobs, duplicate_policy=settings.duplicate_policy, journal=journal_file)
+    return Runtime(settings=settings, engine=engine, blobs=blobs, archive=archive)
+
+
+def receive_tmp_dir(runtime: Runtime) -> Path:
+    blobs = runtime.blobs
+    return blobs.tmp_dir if isinstance(blobs, FileBlobStore) else runtime.settings.tmp_dir
+
+
+def prepare_to_serve(runtime: Runtime) -> None:
+    """Recover from a crash (unfinished blob writes, spool leftovers), then spool received objects where the
+    blob store can adopt them with a rename (no copy)."""
+    tmp = receive_tmp_dir(runtime)
+    for folder in {tmp, runtime.settings.tmp_dir}:
+        if folder.exists():
+            for leftover in folder.iterdir():
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        removed = runtime.archive.recover()
+    except Exception as exc:  # the database may be down at start; recovery runs again at the next start
+        log.error("crash recovery postponed: %s", exc)
+    else:
+        if removed:
+            log.warning("removed %d blob(s) of transfers interrupted before they were acknowledged", len(removed))
+    tempfile.tempdir = str(tmp)
+
+
+def destination_resolver(engine: Engine):  # type: ignore[no-untyped-def]
+    def resolve(ae_title: str) -> Destination | None:
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(RemoteAE.ae_title, RemoteAE.host, RemoteAE.port).where(RemoteAE.ae_title == ae_title)
+            ).first()
+        return Destination(row.ae_title, row.host, row.port) if row else None
+
+    return resolve
+
+
+def build_dimse(runtime: Runtime) -> DimseServer:
+    s = runtime.settings
+    return DimseServer(
+        runtime.archive,
+        ae_title=s.ae_title,
+        host=s.dicom_host,
+        port=s.dicom_port,
+        allowed_aes=s.allowed_aes,
+        max_pdu=s.max_pdu,
+        max_associations=s.max_associations,
+        resolve_destination=destination_resolver(runtime.engine),
+    )
+
+
+def build_http(runtime: Runtime) -> FastAPI:
+    app = FastAPI(title="vnpacs", version="0.1.0", description="DICOM PACS and teleradiology server")
+
+    @app.get("/health", summary="Ready when the index database and the blob store answer")
+    def health() -> JSONResponse:
+        try:
+            runtime.archive.check()
+        except StorageUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "detail": exc.message}, status_code=503)
+        return JSONResponse({"status": "ok", "ae_title": runtime.settings.ae_title})
+
+    return app

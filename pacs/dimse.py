@@ -1,0 +1,331 @@
+"""The DIMSE server: thin pynetdicom handlers over the archive (ingest, query engine, blob store).
+
+Verification, Storage (every SOP class, every transfer syntax pydicom knows), Query/Retrieve C-FIND / C-MOVE / C-GET
+in the Patient Root and Study Root information models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from pacs import netio, status
+from storage.blobstore import BlobStoreError
+from storage.ingest import Archive, IngestError, SOPClassMismatch, StorageUnavailable
+from storage.query import LEVELS, QueryError, StoredObject, find, objects_for
+from storage.text import is_ascii
+
+log = logging.getLogger(__name__)
+
+PATIENT_ROOT = {
+    str(PatientRootQueryRetrieveInformationModelFind),
+    str(PatientRootQueryRetrieveInformationModelMove),
+    str(PatientRootQueryRetrieveInformationModelGet),
+}
+QR_MODELS = [
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+]
+_SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment.replace("\\", "/")[: status.ERROR_COMMENT_MAX]
+    return ds
+
+
+def _aet(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
+
+
+# ---- identifier <-> query ---------------------------------------------------------------------------------------
+
+
+def identifier_to_query(identifier: Dataset) -> tuple[str, dict[str, str], list[str]]:
+    """(level, matching keys, return keys) from a C-FIND/C-MOVE/C-GET identifier."""
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level not in LEVELS:
+        raise QueryError(f"missing or invalid QueryRetrieveLevel {level!r}")
+    filters: dict[str, str] = {}
+    keys: list[str] = []
+    for elem in identifier:
+        keyword = elem.keyword
+        if not keyword or keyword in _SKIP_KEYS:
+            continue
+        keys.append(keyword)
+        if elem.VR == "SQ":
+            filters[keyword] = ""
+            continue
+        value = elem.value
+        if value is None:
+            text = ""
+        elif isinstance(value, list | tuple) or value.__class__.__name__ == "MultiValue":
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = str(value)
+        filters[keyword] = text
+    return level, filters, keys
+
+
+def _response(level: str, keys: list[str], row: dict[str, Any], retrieve_aet: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    needs_utf8 = any(isinstance(v, str) and not is_ascii(v) for v in row.values())
+    if needs_utf8:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.RetrieveAETitle = retrieve_aet
+    ds.InstanceAvailability = "ONLINE"
+    for keyword in dict.fromkeys([*row.keys(), *keys]):
+        value = row.get(keyword)
+        if keyword == "OtherPatientIDsSequence":
+            seq = Sequence()
+            for item in value or []:
+                sub = Dataset()
+                for k, v in item.items():
+                    setattr(sub, k, v)
+                seq.append(sub)
+            ds.OtherPatientIDsSequence = seq
+            continue
+        try:
+            setattr(ds, keyword, value if value not in ("",) else None)
+        except (TypeError, ValueError, AttributeError) as exc:
+            log.debug("cannot return %s=%r: %s", keyword, value, exc)
+    return ds
+
+
+# ---- the application entity ------------------------------------------------------------------------------------
+
+
+class DimseServer:
+    """Owns the pynetdicom AE and its handlers; `start()` serves in background threads."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        allowed_aes: list[str],
+        max_pdu: int,
+        max_associations: int,
+        resolve_destination: Callable[[str], Destination | None],
+    ) -> None:
+        netio.apply()
+        self.archive = archive
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        self.resolve_destination = resolve_destination
+        ae = AE(ae_title=ae_title)
+        ae.maximum_pdu_size = max_pdu
+        ae.maximum_associations = max_associations
+        ae.network_timeout = 120
+        ae.dimse_timeout = 120
+        ae.acse_timeout = 30
+        if allowed_aes:
+            ae.require_calling_aet = allowed_aes
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            # scp_role: a C-GET requestor takes the Storage SCP role on the same association.
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False)
+        for model in QR_MODELS:
+            ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self._server: Any = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_C_ECHO, lambda event: status.SUCCESS),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+        ]
+
+    def start(self) -> None:
+        from pynetdicom import _config
+
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=self.handlers())
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # ---- Storage -------------------------------------------------------------------------------------------
+
+    def on_store(self, event: Any) -> Dataset:
+        req = event.request
+        calling = _aet(event.assoc.requestor.ae_title)
+        try:
+            result = self.archive.ingest_file(
+                event.dataset_path,
+                calling_ae=calling,
+                source="dimse",
+                adopt=True,
+                expected_sop_class_uid=str(req.AffectedSOPClassUID),
+                expected_sop_instance_uid=str(req.AffectedSOPInstanceUID),
+            )
+        except SOPClassMismatch as exc:
+            return _status(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, exc.message)
+        except StorageUnavailable as exc:
+            log.error("C-STORE from %s refused, storage unavailable: %s", calling, exc.message)
+            return _status(status.OUT_OF_RESOURCES, "storage unavailable, retry later")
+        except IngestError as exc:
+            log.warning("C-STORE from %s rejected: %s", calling, exc.message)
+            return _status(status.CANNOT_UNDERSTAND, exc.message)
+        if result.outcome == "conflict":
+            log.warning("C-STORE %s from %s: %s", result.sop_instance_uid, calling, result.message)
+        return _status(status.SUCCESS)
+
+    # ---- Query ---------------------------------------------------------------------------------------------
+
+    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        try:
+            level, filters, keys = identifier_to_query(event.identifier)
+            patient_root = str(event.request.AffectedSOPClassUID) in PATIENT_ROOT
+            if patient_root and level == "PATIENT" and "PatientID" not in keys:
+                keys.append("PatientID")
+            with self.archive.engine.connect() as conn:
+                result = find(conn, level, filters, keys, patient_root=patient_root)  # type: ignore[arg-type]
+        except QueryError as exc:
+            yield (
+                status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                _status(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)),
+            )
+            return
+        except SQLAlchemyError as exc:
+            log.error("C-FIND failed, database unavailable: %s", exc)
+            yield (
+                status.OUT_OF_RESOURCES_MATCHES,
+                _status(status.OUT_OF_RESOURCES_MATCHES, "database unavailable"),
+            )
+            return
+        for row in result.rows:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            yield status.PENDING, _response(level, keys, row, self.ae_title)
+        yield status.SUCCESS, None
+
+    # ---- Retrieve ------------------------------------------------------------------------------------------
+
+    def _objects(self, identifier: Dataset) -> list[StoredObject]:
+        level, filters, _ = identifier_to_query(identifier)
+        with self.archive.engine.connect() as conn:
+            return objects_for(conn, level, filters)  # type: ignore[arg-type]
+
+    def _send_each(self, event: Any, objects: list[StoredObject]) -> Iterator[tuple[int, Dataset | None]]:
+        failed: list[str] = []
+        for obj in objects:
+            if event.is_cancelled:
+                yield status.CANCEL, _failed_list(failed)
+                return
+            try:
+                with self.archive.blobs.local_file(obj.blob_key) as path:
+                    yield (
+                        status.PENDING,
+                        netio.StoredFile(path, obj.sop_class_uid, obj.sop_instance_uid, obj.transfer_syntax_uid),
+                    )
+            except BlobStoreError as exc:
+                log.error("cannot read %s for retrieve: %s", obj.sop_instance_uid, exc)
+                failed.append(obj.sop_instance_uid)
+        if failed:
+            yield status.OUT_OF_RESOURCES_SUBOPERATIONS, _failed_list(failed)
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        try:
+            objects = self._objects(event.identifier)
+        except (QueryError, SQLAlchemyError) as exc:
+            yield 0
+            code = status.UNABLE_TO_PROCESS if isinstance(exc, QueryError) else status.OUT_OF_RESOURCES
+            yield code, _status(code, str(exc).splitlines()[0])
+            return
+        yield len(objects)
+        yield from self._send_each(event, objects)
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        destination = self.resolve_destination(_aet(event.move_destination))
+        if destination is None:
+            log.warning("C-MOVE to unknown destination %r", _aet(event.move_destination))
+            yield None, None
+            return
+        try:
+            objects = self._objects(event.identifier)
+        except (QueryError, SQLAlchemyError) as exc:
+            # pynetdicom answers a handler exception with a failure status (0xC5xx, "unable to process").
+            log.warning("C-MOVE refused: %s", exc)
+            raise
+        yield (
+            destination.host,
+            destination.port,
+            {
+                "ae_title": destination.ae_title,
+                "contexts": contexts_for(objects),
+                "max_pdu": 0,
+            },
+        )
+        yield len(objects)
+        yield from self._send_each(event, objects)
+
+
+def _failed_list(failed: list[str]) -> Dataset:
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = failed
+    return ds
+
+
+def contexts_for(objects: list[StoredObject]) -> list[PresentationContext]:
+    """Presentation contexts to send `objects` as stored, with uncompressed fallbacks (at most 128)."""
+    pairs = sorted({(o.sop_class_uid, o.transfer_syntax_uid) for o in objects})
+    classes = sorted({o.sop_class_uid for o in objects})
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    contexts: list[PresentationContext] = []
+    if len(pairs) + len(classes) <= 128:
+        for sop_class, ts in pairs:
+            contexts.append(build_context(sop_class, [ts]))
+        for sop_class in classes:
+            contexts.append(build_context(sop_class, uncompressed))
+    else:
+        for sop_class in classes[:128]:
+            stored = sorted({o.transfer_syntax_uid for o in objects if o.sop_class_uid == sop_class})
+            contexts.append(build_context(sop_class, list(dict.fromkeys([*stored, *uncompressed]))))
+    return contexts

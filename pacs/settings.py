@@ -1,0 +1,91 @@
+"""Settings: one object, built once from VNPACS_* environment variables and an optional TOML file, handed in."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VNPACS_", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="Folder of the embedded default: index, blobs, temp files")
+    database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite index.db in the data dir (WAL)")
+    storage_url: str = Field(
+        "",
+        description="Blob store: a folder / file:// URL (default data_dir/blobs) or "
+        "s3://BUCKET?endpoint=HOST:PORT&secure=false",
+    )
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    ae_title: str = "VNPACS"
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    http_host: str = "127.0.0.1"
+    http_port: int = 8042
+    allowed_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Calling AE titles allowed; empty = any"
+    )
+    duplicate_policy: Literal["keep-first", "replace"] = "keep-first"
+    max_pdu: int = Field(4 * 1024 * 1024, description="Maximum PDU size we receive (bytes)")
+    max_associations: int = 32
+    log_level: str = "INFO"
+    node_id: str = Field(default_factory=socket.gethostname, description="Names this node's ingest journal")
+
+    @field_validator("allowed_aes", mode="before")
+    @classmethod
+    def _split_aes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.replace(";", ",").split(",") if v.strip()]
+        return value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_aet(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 16:
+            raise ValueError("AE title must be 1 to 16 characters")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments (the TOML file's values) win over nothing; the environment wins over the file.
+        return env_settings, init_settings
+
+    # ---- derived ---------------------------------------------------------------------------------------------
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.db').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or str((self.data_dir / "blobs").resolve())
+
+    @property
+    def tmp_dir(self) -> Path:
+        return (self.data_dir / "tmp").resolve()
+
+
+def load_settings(config: Path | None = None) -> Settings:
+    """Settings from the environment, on top of a TOML file's `[vnpacs]` table (or top-level keys) if given."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        with open(config, "rb") as fp:
+            data = tomllib.load(fp)
+        values = data.get("vnpacs", data)
+    return Settings(**values)

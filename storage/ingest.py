@@ -1,0 +1,720 @@
+"""The one ingest path: C-STORE, STOW-RS and `vnpacs import` all store objects through `Archive.ingest_file`.
+
+Order of work for one object: parse the header only, validate, hash, write the blob durably, commit the index row,
+then report success. A crash between the blob and the index leaves an orphan blob (found by `vnpacs verify`), never
+an index row without its bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from storage.blobstore import BlobStore, BlobStoreError, blob_key_for
+from storage.db import DatabaseError
+from storage.models import Instance, InstanceConflict, Patient, PatientIdentifier, Series, Study, utcnow
+from storage.text import nfc, search_key
+
+log = logging.getLogger(__name__)
+
+DuplicatePolicy = Literal["keep-first", "replace"]
+Outcome = Literal["stored", "duplicate", "conflict"]
+
+
+class IngestError(Exception):
+    """An object was not stored; `kind` tells the protocol adapters which standard status to answer."""
+
+    kind = "invalid"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidObject(IngestError):
+    """Undecodable, truncated, or missing what every stored object needs (DIMSE 0xC000 range, HTTP 400)."""
+
+    kind = "invalid"
+
+
+class SOPClassMismatch(IngestError):
+    """The dataset does not match the SOP Class / Instance it was sent as (DIMSE 0xA900, HTTP 409)."""
+
+    kind = "mismatch"
+
+
+class StorageUnavailable(IngestError):
+    """Database or blob store unreachable: a failure, never a false success (DIMSE 0xA700, HTTP 503)."""
+
+    kind = "unavailable"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    sha256: str
+    size: int
+    message: str = ""
+
+
+@dataclass
+class _Header:
+    ds: Dataset
+    transfer_syntax_uid: str
+    sha256: str
+    size: int
+
+
+def _str(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    """A text value as stored in the index: decoded, NFC, multi-values joined by a backslash, bounded."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed value of an optional attribute must not refuse the object
+        return ""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, list | tuple) or value.__class__.__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return nfc(text.replace("\x00", "").strip())[:limit]
+
+
+def _time(ds: Dataset, keyword: str) -> str:
+    return _str(ds, keyword, 16).replace(":", "")
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        if isinstance(value, list | tuple) or value.__class__.__name__ == "MultiValue":
+            value = value[0]
+        number = int(value)
+    except Exception:
+        return None
+    return number if -(2**31) <= number < 2**31 else None
+
+
+def _check_uid(ds: Dataset, keyword: str) -> str:
+    value = _str(ds, keyword, 128)
+    if not value:
+        raise InvalidObject(f"missing {keyword}")
+    if len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
+        raise InvalidObject(f"invalid {keyword} {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Header parsing and integrity
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _hash_file(fp: BinaryIO) -> tuple[str, int]:
+    fp.seek(0)
+    digest = hashlib.file_digest(fp, "sha256")  # type: ignore[arg-type]
+    return digest.hexdigest(), fp.tell()
+
+
+def _check_pixel_data_extent(fp: BinaryIO, size: int, ts: UID) -> None:
+    """After a header-only read, fp sits on the Pixel Data element (if any): check its bytes are all there.
+
+    Header-only parsing never touches pixel data, so this is what catches a truncated image without loading it.
+    """
+    start = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8:
+        return
+    endian = "<" if ts.is_little_endian else ">"
+    group, elem = struct.unpack(endian + "HH", head[:4])
+    if (group, elem) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
+        return
+    if ts.is_implicit_VR:
+        (length,) = struct.unpack(endian + "I", head[4:8])
+        value_start = start + 8
+    else:
+        (length,) = struct.unpack(endian + "I", head[8:12])
+        value_start = start + 12
+    if length != 0xFFFFFFFF:
+        if value_start + length > size:
+            raise InvalidObject(f"truncated Pixel Data: {size - value_start} of {length} bytes present")
+        return
+    # Encapsulated: walk the items to the sequence delimiter without reading them.
+    pos = value_start
+    while True:
+        fp.seek(pos)
+        item = fp.read(8)
+        if len(item) < 8:
+            raise InvalidObject("truncated encapsulated Pixel Data (no sequence delimiter)")
+        g, e, item_len = struct.unpack(endian + "HHI", item)
+        if (g, e) == (0xFFFE, 0xE0DD):
+            return
+        if (g, e) != (0xFFFE, 0xE000) or item_len == 0xFFFFFFFF:
+            raise InvalidObject("malformed encapsulated Pixel Data item")
+        pos += 8 + item_len
+        if pos > size:
+            raise InvalidObject("truncated encapsulated Pixel Data fragment")
+
+
+def read_header(path: Path) -> _Header:
+    """Parse a Part 10 file up to its pixel data, check it is complete, and hash it."""
+    try:
+        with open(path, "rb") as fp:
+            sha256, size = _hash_file(fp)
+            fp.seek(0)
+            try:
+                ds = dcmread(fp, stop_before_pixels=True, defer_size="1 MB")
+            except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as exc:
+                raise InvalidObject(f"not a decodable DICOM Part 10 object: {exc}") from exc
+            except Exception as exc:  # pydicom raises a variety of errors on corrupt input
+                raise InvalidObject(f"not a decodable DICOM object: {exc.__class__.__name__}: {exc}") from exc
+            file_meta = getattr(ds, "file_meta", None)
+            ts_value = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+            if not ts_value:
+                raise InvalidObject("no Transfer Syntax UID in the File Meta Information")
+            ts = UID(str(ts_value))
+            if ts != DeflatedExplicitVRLittleEndian and ts.is_transfer_syntax:
+                _check_pixel_data_extent(fp, size, ts)
+    except OSError as exc:
+        raise InvalidObject(f"cannot read object: {exc}") from exc
+    return _Header(ds=ds, transfer_syntax_uid=str(ts), sha256=sha256, size=size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The archive: ingest and lookups shared by every protocol
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Caches:
+    """UID → primary key, filled only after a commit so a rolled-back row is never cached."""
+
+    patients: dict[tuple[str, str], int] = field(default_factory=dict)
+    studies: dict[str, int] = field(default_factory=dict)
+    series: dict[str, int] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.patients.clear()
+        self.studies.clear()
+        self.series.clear()
+
+
+class Journal:
+    """In-flight blob writes of one process, so a restart can remove blobs whose index row never committed.
+
+    A line is appended (unbuffered, no fsync: it only has to survive a killed process) before each blob write and
+    after its commit. Each process holds an exclusive lock on its own journal file; `Archive.recover` reads the
+    journals whose owners are gone and deletes the blobs that were started, never finished, and that no index row
+    references. Nothing acknowledged is touched, and `vnpacs verify` finds no orphan after a crash.
+    """
+
+    ROTATE_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._inflight: dict[str, int] = {}
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._fd)
+            raise RuntimeError(f"journal {path} is in use by another vnpacs process") from exc
+        self._size = os.fstat(self._fd).st_size
+
+    @staticmethod
+    def pending_in(path: Path) -> set[str]:
+        started: dict[str, int] = {}
+        try:
+            text = path.read_text("ascii", "replace")
+        except FileNotFoundError:
+            return set()
+        for line in text.splitlines():
+            op, _, key = line.partition(" ")
+            if op == "+":
+                started[key] = started.get(key, 0) + 1
+            elif op == "-" and key in started:
+                started[key] -= 1
+                if started[key] <= 0:
+                    del started[key]
+        return set(started)
+
+    def orphaned_journals(self) -> list[Path]:
+        """Other journals in this folder whose process is gone (their lock can be taken), plus our own."""
+        found = [self.path]
+        for other in sorted(self.path.parent.glob("*.log")):
+            if other == self.path:
+                continue
+            fd = os.open(other, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            finally:
+                os.close(fd)
+            found.append(other)
+        return found
+
+    def _write(self, line: str) -> None:
+        data = line.encode("ascii")
+        os.write(self._fd, data)
+        self._size += len(data)
+
+    def begin(self, key: str) -> None:
+        with self._lock:
+            self._inflight[key] = self._inflight.get(key, 0) + 1
+            self._write(f"+ {key}\n")
+
+    def end(self, key: str) -> None:
+        with self._lock:
+            count = self._inflight.get(key, 0) - 1
+            if count <= 0:
+                self._inflight.pop(key, None)
+            else:
+                self._inflight[key] = count
+            self._write(f"- {key}\n")
+            if self._size > self.ROTATE_BYTES:
+                os.ftruncate(self._fd, 0)
+                self._size = 0
+                for key_, n in self._inflight.items():
+                    for _ in range(n):
+                        self._write(f"+ {key_}\n")
+
+    def reset(self) -> None:
+        with self._lock:
+            self._inflight.clear()
+            os.ftruncate(self._fd, 0)
+            self._size = 0
+
+    def close(self, *, remove: bool = False) -> None:
+        with self._lock:
+            if remove and not self._inflight:
+                self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+
+
+class Archive:
+    """The archive core: one blob store, one index, one ingest path."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        blobs: BlobStore,
+        *,
+        duplicate_policy: DuplicatePolicy = "keep-first",
+        journal: Journal | None = None,
+    ):
+        self.engine = engine
+        self.blobs = blobs
+        self.journal = journal
+        self.duplicate_policy = duplicate_policy
+        self._caches = _Caches()
+        self._cache_lock = threading.Lock()
+        dialect = engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+        self._insert = dialect_insert
+
+    def invalidate(self) -> None:
+        """Forget cached keys, e.g. after a deletion or a correction changed the index."""
+        with self._cache_lock:
+            self._caches.clear()
+
+    # ---- ingest ---------------------------------------------------------------------------------------------
+
+    def ingest_file(
+        self,
+        path: Path,
+        *,
+        calling_ae: str = "",
+        source: str = "import",
+        adopt: bool = False,
+        expected_sop_class_uid: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+    ) -> IngestResult:
+        """Store one Part 10 file. Returns only once bytes and index row are durable; raises IngestError."""
+        header = read_header(path)
+        ds = header.ds
+        sop_class = _check_uid(ds, "SOPClassUID")
+        sop_instance = _check_uid(ds, "SOPInstanceUID")
+        study_uid = _check_uid(ds, "StudyInstanceUID")
+        series_uid = _check_uid(ds, "SeriesInstanceUID")
+        if expected_sop_class_uid is not None and expected_sop_class_uid != sop_class:
+            raise SOPClassMismatch(
+                f"dataset SOP Class UID {sop_class} does not match the request's {expected_sop_class_uid}"
+            )
+        if expected_sop_instance_uid is not None and expected_sop_instance_uid != sop_instance:
+            raise SOPClassMismatch(
+                f"dataset SOP Instance UID {sop_instance} does not match the request's {expected_sop_instance_uid}"
+            )
+        meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
+        if meta_sop and meta_sop != sop_instance:
+            # The dataset is authoritative; the bytes are kept as received, so only note the inconsistency.
+            log.warning("File Meta SOP Instance UID %s differs from the dataset's %s", meta_sop, sop_instance)
+
+        key = blob_key_for(header.sha256)
+        if self.journal is not None:
+            self.journal.begin(key)
+        try:
+            outcome = self._store(
+                ds,
+                header,
+                path,
+                key,
+                adopt,
+                calling_ae,
+                source,
+                sop_class,
+                sop_instance,
+                study_uid,
+                series_uid,
+            )
+        finally:
+            if self.journal is not None:
+                self.journal.end(key)
+        message = {
+            "stored": "",
+            "duplicate": "identical object already stored",
+            "conflict": f"different object under this SOP Instance UID kept (policy {self.duplicate_policy})",
+        }[outcome]
+        if outcome == "conflict":
+            log.warning("SOP Instance %s received again with different bytes: %s", sop_instance, message)
+        return IngestResult(
+            outcome=outcome,
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            sha256=header.sha256,
+            size=header.size,
+            message=message,
+        )
+
+    def _store(
+        self,
+        ds: Dataset,
+        header: _Header,
+        path: Path,
+        key: str,
+        adopt: bool,
+        calling_ae: str,
+        source: str,
+        sop_class: str,
+        sop_instance: str,
+        study_uid: str,
+        series_uid: str,
+    ) -> Outcome:
+        try:
+            self.blobs.put_file(key, path, header.size, adopt=adopt)
+        except BlobStoreError as exc:
+            raise StorageUnavailable(f"blob store: {exc}") from exc
+        row = self._instance_row(ds, header, key, calling_ae, source, sop_class, sop_instance)
+        for attempt in range(2):
+            try:
+                return self._index(ds, row, study_uid, series_uid)
+            except IntegrityError as exc:
+                # A cached parent row was deleted by another node: forget the cache and try once more.
+                self.invalidate()
+                if attempt:
+                    raise StorageUnavailable(f"index refused the object: {_short(exc)}") from exc
+            except SQLAlchemyError as exc:
+                self.invalidate()
+                raise StorageUnavailable(f"database: {exc.__class__.__name__}: {_short(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    def _instance_row(
+        self,
+        ds: Dataset,
+        header: _Header,
+        key: str,
+        calling_ae: str,
+        source: str,
+        sop_class: str,
+        sop_instance: str,
+    ) -> dict[str, Any]:
+        return {
+            "sop_instance_uid": sop_instance,
+            "sop_class_uid": sop_class,
+            "instance_number": _int(ds, "InstanceNumber"),
+            "content_date": _str(ds, "ContentDate", 8),
+            "content_time": _time(ds, "ContentTime"),
+            "rows": _int(ds, "Rows"),
+            "columns": _int(ds, "Columns"),
+            "number_of_frames": _int(ds, "NumberOfFrames"),
+            "bits_allocated": _int(ds, "BitsAllocated"),
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "specific_character_set": _str(ds, "SpecificCharacterSet", 128),
+            "blob_key": key,
+            "size": header.size,
+            "sha256": header.sha256,
+            "received_at": utcnow(),
+            "calling_ae": calling_ae[:16],
+            "source": source[:16],
+        }
+
+    def _index(self, ds: Dataset, row: dict[str, Any], study_uid: str, series_uid: str) -> Outcome:
+        caches = self._caches
+        new_keys: dict[str, Any] = {}
+        with self.engine.begin() as conn:
+            patient_key = (_str(ds, "PatientID"), _str(ds, "IssuerOfPatientID"))
+            patient_pk = caches.patients.get(patient_key)
+            if patient_pk is None:
+                patient_pk = self._upsert_patient(conn, ds, patient_key)
+                new_keys["patient"] = (patient_key, patient_pk)
+            study_pk = caches.studies.get(study_uid)
+            if study_pk is None:
+                study_pk = self._upsert(conn, Study, "study_instance_uid", study_uid, _study_values(ds, patient_pk))
+                new_keys["study"] = (study_uid, study_pk)
+            series_pk = caches.series.get(series_uid)
+            if series_pk is None:
+                series_pk = self._upsert(conn, Series, "series_instance_uid", series_uid, _series_values(ds, study_pk))
+                new_keys["series"] = (series_uid, series_pk)
+            row["series_pk"] = series_pk
+            stmt = self._insert(Instance).values(**row).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            outcome: Outcome = "stored"
+            if conn.execute(stmt).rowcount == 0:
+                outcome = self._duplicate(conn, row)
+        with self._cache_lock:
+            if "patient" in new_keys:
+                caches.patients[new_keys["patient"][0]] = new_keys["patient"][1]
+            if "study" in new_keys:
+                caches.studies[new_keys["study"][0]] = new_keys["study"][1]
+            if "series" in new_keys:
+                caches.series[new_keys["series"][0]] = new_keys["series"][1]
+            for cache in (caches.patients, caches.studies, caches.series):
+                if len(cache) > 200_000:
+                    cache.clear()
+        return outcome
+
+    def _upsert(self, conn: Connection, model: Any, uid_column: str, uid: str, values: dict[str, Any]) -> int:
+        column = getattr(model, uid_column)
+        stmt = (
+            self._insert(model).values({uid_column: uid, **values}).on_conflict_do_nothing(index_elements=[uid_column])
+        )
+        result = conn.execute(stmt)
+        if result.rowcount and result.inserted_primary_key:
+            return int(result.inserted_primary_key[0])
+        return int(conn.execute(select(model.pk).where(column == uid)).scalar_one())
+
+    def _upsert_patient(self, conn: Connection, ds: Dataset, patient_key: tuple[str, str]) -> int:
+        name = _str(ds, "PatientName", 324)
+        values = {
+            "patient_id": patient_key[0],
+            "issuer_of_patient_id": patient_key[1],
+            "patient_name": name,
+            "patient_name_key": search_key(name),
+            "patient_birth_date": _str(ds, "PatientBirthDate", 8),
+            "patient_birth_time": _time(ds, "PatientBirthTime"),
+            "patient_sex": _str(ds, "PatientSex", 16),
+            "other_patient_ids": "\\".join(i[0] for i in _other_ids(ds)),
+        }
+        stmt = (
+            self._insert(Patient)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["patient_id", "issuer_of_patient_id"])
+        )
+        result = conn.execute(stmt)
+        if result.rowcount and result.inserted_primary_key:
+            pk = int(result.inserted_primary_key[0])
+        else:
+            pk = int(
+                conn.execute(
+                    select(Patient.pk).where(
+                        Patient.patient_id == patient_key[0], Patient.issuer_of_patient_id == patient_key[1]
+                    )
+                ).scalar_one()
+            )
+        for value, issuer, type_of_id in _other_ids(ds):
+            conn.execute(
+                self._insert(PatientIdentifier)
+                .values(patient_pk=pk, value=value, issuer=issuer, type_of_patient_id=type_of_id)
+                .on_conflict_do_nothing(index_elements=["patient_pk", "value", "issuer"])
+            )
+        return pk
+
+    def _duplicate(self, conn: Connection, row: dict[str, Any]) -> Outcome:
+        existing = conn.execute(
+            select(
+                Instance.pk,
+                Instance.sha256,
+                Instance.blob_key,
+                Instance.size,
+                Instance.sop_class_uid,
+                Instance.transfer_syntax_uid,
+                Instance.received_at,
+                Instance.calling_ae,
+                Instance.source,
+            ).where(Instance.sop_instance_uid == row["sop_instance_uid"])
+        ).one()
+        if existing.sha256 == row["sha256"]:
+            return "duplicate"
+        if self.duplicate_policy == "replace":
+            conn.execute(
+                insert(InstanceConflict).values(
+                    sop_instance_uid=row["sop_instance_uid"],
+                    sop_class_uid=existing.sop_class_uid,
+                    transfer_syntax_uid=existing.transfer_syntax_uid,
+                    blob_key=existing.blob_key,
+                    size=existing.size,
+                    sha256=existing.sha256,
+                    received_at=existing.received_at,
+                    calling_ae=existing.calling_ae,
+                    source=existing.source,
+                    resolution="replaced",
+                )
+            )
+            conn.execute(update(Instance).where(Instance.pk == existing.pk).values(**row))
+        else:
+            conn.execute(
+                insert(InstanceConflict).values(
+                    sop_instance_uid=row["sop_instance_uid"],
+                    sop_class_uid=row["sop_class_uid"],
+                    transfer_syntax_uid=row["transfer_syntax_uid"],
+                    blob_key=row["blob_key"],
+                    size=row["size"],
+                    sha256=row["sha256"],
+                    received_at=row["received_at"],
+                    calling_ae=row["calling_ae"],
+                    source=row["source"],
+                    resolution="kept-first",
+                )
+            )
+        return "conflict"
+
+    # ---- health ---------------------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise StorageUnavailable unless both the index and the blob store answer."""
+        from storage.db import check as check_db
+
+        try:
+            check_db(self.engine)
+            self.blobs.check()
+        except (DatabaseError, BlobStoreError) as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    def recover(self) -> list[str]:
+        """After a crash: delete blobs whose write began but whose index row never committed. Returns their keys."""
+        if self.journal is None:
+            return []
+        journals = self.journal.orphaned_journals()
+        pending: set[str] = set()
+        for path in journals:
+            pending |= Journal.pending_in(path)
+        removed: list[str] = []
+        if pending:
+            with self.engine.connect() as conn:
+                referenced = set(
+                    conn.execute(select(Instance.blob_key).where(Instance.blob_key.in_(pending))).scalars()
+                )
+                referenced |= set(
+                    conn.execute(
+                        select(InstanceConflict.blob_key).where(InstanceConflict.blob_key.in_(pending))
+                    ).scalars()
+                )
+            for key in sorted(pending - referenced):
+                try:
+                    self.blobs.delete(key)
+                except BlobStoreError as exc:
+                    log.error("cannot remove unacknowledged blob %s: %s", key, exc)
+                    return removed
+                removed.append(key)
+        self.journal.reset()
+        for path in journals:
+            if path != self.journal.path:
+                path.unlink(missing_ok=True)
+        return removed
+
+
+def _short(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).splitlines()[0][:200]
+
+
+def _other_ids(ds: Dataset) -> list[tuple[str, str, str]]:
+    """(value, issuer, type) for each Other Patient ID: the sequence first, then the retired multi-valued form."""
+    ids: list[tuple[str, str, str]] = []
+    try:
+        for item in ds.get("OtherPatientIDsSequence") or []:
+            value = _str(item, "PatientID")
+            if value:
+                ids.append((value, _str(item, "IssuerOfPatientID"), _str(item, "TypeOfPatientID", 16)))
+        legacy = ds.get((0x0010, 0x1000))
+        if legacy is not None and legacy.value:
+            values = legacy.value if isinstance(legacy.value, list | tuple) else str(legacy.value).split("\\")
+            for value in values:
+                value = str(value).strip()
+                if value and value not in {i[0] for i in ids}:
+                    ids.append((value[:64], "", ""))
+    except Exception:
+        return ids
+    return ids
+
+
+def _study_values(ds: Dataset, patient_pk: int) -> dict[str, Any]:
+    referring = _str(ds, "ReferringPhysicianName", 324)
+    description = _str(ds, "StudyDescription")
+    return {
+        "patient_pk": patient_pk,
+        "study_date": _str(ds, "StudyDate", 8),
+        "study_time": _time(ds, "StudyTime"),
+        "accession_number": _str(ds, "AccessionNumber", 16),
+        "issuer_of_accession_number": _str(
+            ds.get("IssuerOfAccessionNumberSequence", [Dataset()])[0]
+            if ds.get("IssuerOfAccessionNumberSequence")
+            else Dataset(),
+            "LocalNamespaceEntityID",
+        ),
+        "study_id": _str(ds, "StudyID", 16),
+        "referring_physician_name": referring,
+        "referring_physician_name_key": search_key(referring),
+        "study_description": description,
+        "study_description_key": search_key(description),
+        "patient_age": _str(ds, "PatientAge", 4),
+        "patient_size": _str(ds, "PatientSize", 16),
+        "patient_weight": _str(ds, "PatientWeight", 16),
+        "institution_name": _str(ds, "InstitutionName"),
+        "created_at": utcnow(),
+    }
+
+
+def _series_values(ds: Dataset, study_pk: int) -> dict[str, Any]:
+    return {
+        "study_pk": study_pk,
+        "modality": _str(ds, "Modality", 16),
+        "series_number": _int(ds, "SeriesNumber"),
+        "series_description": _str(ds, "SeriesDescription"),
+        "series_date": _str(ds, "SeriesDate", 8),
+        "series_time": _time(ds, "SeriesTime"),
+        "body_part_examined": _str(ds, "BodyPartExamined", 16),
+        "performed_procedure_step_start_date": _str(ds, "PerformedProcedureStepStartDate", 8),
+        "performed_procedure_step_start_time": _time(ds, "PerformedProcedureStepStartTime"),
+        "station_name": _str(ds, "StationName", 16),
+        "manufacturer": _str(ds, "Manufacturer"),
+        "institution_name": _str(ds, "InstitutionName"),
+        "created_at": utcnow(),
+    }

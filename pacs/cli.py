@@ -316,11 +316,12 @@ def remote_echo(name: str) -> None:
     settings = _settings()
     runtime = build_runtime(settings)
     with runtime.engine.connect() as conn:
-        row = conn.execute(select(RemoteAE).where(RemoteAE.name == name)).first()
-    if row is None:
+        remote = conn.execute(
+            select(RemoteAE.ae_title, RemoteAE.host, RemoteAE.port).where(RemoteAE.name == name)
+        ).first()
+    if remote is None:
         console.print(f"[red]no remote named {name}")
         raise typer.Exit(1)
-    remote = row[0]
     ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(Verification)
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title)

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pacs import netio, status
 from storage.blobstore import BlobStoreError
-from storage.ingest import Archive, IngestError, SOPClassMismatch, StorageUnavailable
+from storage.ingest import Archive, IngestError, SOPClassMismatch, SOPInstanceMismatch, StorageUnavailable
 from storage.query import LEVELS, QueryError, StoredObject, find, objects_for
 from storage.text import is_ascii
 
@@ -206,6 +206,8 @@ class DimseServer:
             )
         except SOPClassMismatch as exc:
             return _status(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, exc.message)
+        except SOPInstanceMismatch as exc:
+            return _status(status.INVALID_SOP_INSTANCE, exc.message)
         except StorageUnavailable as exc:
             log.error("C-STORE from %s refused, storage unavailable: %s", calling, exc.message)
             return _status(status.OUT_OF_RESOURCES, "storage unavailable, retry later")

@@ -8,6 +8,7 @@ PENDING_WARNING = 0xFF01  # C-FIND: optional keys not supported
 CANCEL = 0xFE00
 
 # Storage
+INVALID_SOP_INSTANCE = 0x0117  # the dataset's SOP Instance UID is not the request's
 OUT_OF_RESOURCES = 0xA700  # database or blob store unavailable
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000  # undecodable, truncated, missing required UIDs

@@ -57,6 +57,12 @@ class SOPClassMismatch(IngestError):
     kind = "mismatch"
 
 
+class SOPInstanceMismatch(IngestError):
+    """The dataset's SOP Instance UID is not the one it was sent as (DIMSE 0x0117 invalid SOP instance, HTTP 409)."""
+
+    kind = "mismatch"
+
+
 class StorageUnavailable(IngestError):
     """Database or blob store unreachable: a failure, never a false success (DIMSE 0xA700, HTTP 503)."""
 
@@ -136,7 +142,7 @@ def _hash_file(fp: BinaryIO) -> tuple[str, int]:
     return digest.hexdigest(), fp.tell()
 
 
-def _check_pixel_data_extent(fp: BinaryIO, size: int, ts: UID) -> None:
+def _check_pixel_data_extent(fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
     """After a header-only read, fp sits on the Pixel Data element (if any): check its bytes are all there.
 
     Header-only parsing never touches pixel data, so this is what catches a truncated image without loading it.
@@ -145,11 +151,13 @@ def _check_pixel_data_extent(fp: BinaryIO, size: int, ts: UID) -> None:
     head = fp.read(12)
     if len(head) < 8:
         return
-    endian = "<" if ts.is_little_endian else ">"
+    endian = "<" if little else ">"
     group, elem = struct.unpack(endian + "HH", head[:4])
     if (group, elem) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
         return
-    if ts.is_implicit_VR:
+    # Like pydicom, look at the element itself: some writers encode this one element implicitly.
+    explicit_here = not implicit and head[4:6].isalpha() and head[4:6].isupper()
+    if not explicit_here:
         (length,) = struct.unpack(endian + "I", head[4:8])
         value_start = start + 8
     else:
@@ -193,8 +201,11 @@ def read_header(path: Path) -> _Header:
             if not ts_value:
                 raise InvalidObject("no Transfer Syntax UID in the File Meta Information")
             ts = UID(str(ts_value))
-            if ts != DeflatedExplicitVRLittleEndian and ts.is_transfer_syntax:
-                _check_pixel_data_extent(fp, size, ts)
+            if ts != DeflatedExplicitVRLittleEndian:
+                # The encoding pydicom actually found, which a broken file's meta may misstate.
+                implicit, little = ds.original_encoding
+                if implicit is not None and little is not None:
+                    _check_pixel_data_extent(fp, size, implicit, little)
     except OSError as exc:
         raise InvalidObject(f"cannot read object: {exc}") from exc
     return _Header(ds=ds, transfer_syntax_uid=str(ts), sha256=sha256, size=size)
@@ -367,7 +378,7 @@ class Archive:
                 f"dataset SOP Class UID {sop_class} does not match the request's {expected_sop_class_uid}"
             )
         if expected_sop_instance_uid is not None and expected_sop_instance_uid != sop_instance:
-            raise SOPClassMismatch(
+            raise SOPInstanceMismatch(
                 f"dataset SOP Instance UID {sop_instance} does not match the request's {expected_sop_instance_uid}"
             )
         meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")

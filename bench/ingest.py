@@ -1,0 +1,573 @@
+"""C-STORE ingest benchmark: vnpacs (filesystem and S3 back ends) against Orthanc and DCMTK.
+
+Pushes a cached synthetic CT set with DCMTK storescu over 1 and 4 parallel
+associations to each target, verifies every instance arrived (a run that lost
+data is reported as failed, not timed) and writes bench/results/ingest.md.
+Optionally pushes one ~1 GB multi-frame instance to measure the server's peak RSS.
+
+    python -m bench.ingest                       # full run (10 × 2 × 100 slices)
+    python -m bench.ingest --studies 1 --slices 20 --targets orthanc,storescp --skip-large
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydicom
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pacs.synthetic import generate_ct_studies, make_multiframe
+from tests.services import (
+    MAX_PDU,
+    Service,
+    ServiceError,
+    create_pg_database,
+    ensure_postgres_running,
+    start_orthanc,
+    start_storescp_ignore,
+    start_vnpacs,
+    start_weed,
+    wait_until,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+STORESCU = "/usr/bin/storescu"  # DCMTK, not pynetdicom's storescu in the venv
+TARGETS = ("storescp", "orthanc", "vnpacs-fs", "vnpacs-s3")
+TARGET_LABELS = {
+    "storescp": "storescp --ignore",
+    "orthanc": "Orthanc",
+    "vnpacs-fs": "vnpacs fs+SQLite",
+    "vnpacs-s3": "vnpacs S3+PostgreSQL",
+}
+S3_BUCKET = "vnpacs-bench"
+LARGE_MODE = "multi-frame"
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    study_uid: str
+    series_uid: str
+    sop_uids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class BenchSet:
+    """The files to push and what a target must hold afterwards."""
+
+    files: list[Path]
+    series: list[SeriesRef]
+    total_bytes: int
+    description: str
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class Result:
+    target: str
+    mode: str
+    instances: int
+    nbytes: int
+    seconds: float | None = None
+    peak_rss: int | None = None
+    error: str | None = None
+    ratio_orthanc: float | None = None
+    ratio_storescp: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.seconds is not None
+
+    @property
+    def inst_per_s(self) -> float | None:
+        return self.instances / self.seconds if self.ok and self.seconds else None
+
+    @property
+    def mb_per_s(self) -> float | None:
+        return self.nbytes / 1e6 / self.seconds if self.ok and self.seconds else None
+
+
+@dataclass
+class Target:
+    """A started service plus how to reach and audit it."""
+
+    service: Service
+    port: int
+    aet: str
+    count: Callable[[BenchSet], int] | None  # instances of the set now stored; None = cannot tell
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    rss: bool = True
+
+
+# --------------------------------------------------------------------------- data set
+
+
+def _series_refs(files: Sequence[Path]) -> list[SeriesRef]:
+    groups: dict[tuple[str, str], set[str]] = {}
+    for f in files:
+        ds = pydicom.dcmread(
+            f,
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+        )
+        groups.setdefault((str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)), set()).add(str(ds.SOPInstanceUID))
+    return [SeriesRef(st, se, frozenset(sops)) for (st, se), sops in groups.items()]
+
+
+def prepare_ct_set(
+    cache: Path, *, studies: int, series: int, slices: int, rows: int, cols: int, seed: int, console: Console
+) -> BenchSet:
+    """Generate the CT set once into `cache`; reruns with the same shape reuse it."""
+    name = f"ct-{studies}x{series}x{slices}-{rows}x{cols}-seed{seed}"
+    root = cache / name
+    manifest = root / "manifest.json"
+    if not manifest.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        total = studies * series * slices
+        with Progress(
+            TextColumn("generating {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(name, total=total)
+            t0 = time.perf_counter()
+            files = generate_ct_studies(
+                root / "files",
+                studies=studies,
+                series_per_study=series,
+                slices=slices,
+                rows=rows,
+                cols=cols,
+                seed=seed,
+                progress=lambda n: progress.update(task, completed=n),
+            )
+        console.print(f"generated {total} slices in {time.perf_counter() - t0:.1f}s -> {root}")
+        refs = _series_refs(files)
+        manifest.write_text(
+            json.dumps(
+                {
+                    "files": [str(f.relative_to(root)) for f in files],
+                    "series": [
+                        {"study": r.study_uid, "series": r.series_uid, "sops": sorted(r.sop_uids)} for r in refs
+                    ],
+                }
+            )
+        )
+    data = json.loads(manifest.read_text())
+    files = [root / f for f in data["files"]]
+    refs = [SeriesRef(s["study"], s["series"], frozenset(s["sops"])) for s in data["series"]]
+    nbytes = sum(f.stat().st_size for f in files)
+    desc = f"{studies} studies × {series} series × {slices} CT slices {rows}×{cols} int16"
+    desc += f" ({len(files)} files, {nbytes / 1e6:.0f} MB)"
+    return BenchSet(files, refs, nbytes, desc)
+
+
+def prepare_large(cache: Path, megabytes: int, console: Console) -> BenchSet:
+    """One multi-frame instance of about `megabytes` MB, streamed to disk and cached."""
+    path = cache / f"multiframe-{megabytes}MB.dcm"
+    if not path.exists():
+        t0 = time.perf_counter()
+        tmp = path.with_suffix(".part")
+        make_multiframe(tmp, target_bytes=megabytes * 1_000_000)
+        tmp.rename(path)
+        console.print(f"generated {path.name} in {time.perf_counter() - t0:.1f}s")
+    nbytes = path.stat().st_size
+    return BenchSet([path], _series_refs([path]), nbytes, f"1 multi-frame instance ({nbytes / 1e6:.0f} MB)")
+
+
+def warm_page_cache(files: Sequence[Path]) -> None:
+    """Read every file once so the first target timed does not pay for cold disk reads."""
+    for f in files:
+        with f.open("rb") as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+# --------------------------------------------------------------------------- pushing and auditing
+
+
+def push(
+    files: Sequence[Path], *, port: int, aet: str, calling_aet: str, assocs: int, timeout: float
+) -> tuple[float, str | None]:
+    """Send `files` with `assocs` concurrent storescu processes; (wall seconds, error or None)."""
+    size = -(-len(files) // assocs)
+    groups = [files[i : i + size] for i in range(0, len(files), size)]
+    env = dict(os.environ, TCP_NODELAY="1")
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    t0 = time.perf_counter()
+    try:
+        for group in groups:
+            fd, log_name = tempfile.mkstemp(prefix="storescu-", suffix=".log")
+            logs.append(Path(log_name))
+            cmd = [
+                STORESCU,
+                "-aet",
+                calling_aet,
+                "-aec",
+                aet,
+                "-R",
+                "-pdu",
+                str(MAX_PDU),
+                "127.0.0.1",
+                str(port),
+                *map(str, group),
+            ]
+            procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd))
+            os.close(fd)
+        deadline = t0 + timeout
+        for p in procs:
+            p.wait(max(1.0, deadline - time.perf_counter()))
+        elapsed = time.perf_counter() - t0
+        errors = []
+        for p, log in zip(procs, logs, strict=True):
+            text = log.read_text(errors="replace")
+            bad = [line for line in text.splitlines() if line.startswith(("E:", "F:"))]
+            if p.returncode != 0 or bad:
+                errors.append(f"storescu rc={p.returncode} " + " | ".join(bad[:3]))
+        return elapsed, "; ".join(errors) or None
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - t0, f"storescu timed out after {timeout:.0f}s"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.unlink(missing_ok=True)
+
+
+def cfind_count(port: int, aet: str, calling_aet: str, bench: BenchSet) -> int:
+    """Instances of `bench` the server reports, via IMAGE-level C-FIND per known series."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore
+
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(FIND)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    if not assoc.is_established:
+        raise ServiceError("C-FIND association rejected")
+    found = 0
+    try:
+        for ref in bench.series:
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = ref.study_uid
+            query.SeriesInstanceUID = ref.series_uid
+            query.SOPInstanceUID = ""
+            sops: set[str] = set()
+            for status, ident in assoc.send_c_find(query, FIND):
+                if status and status.Status in (0xFF00, 0xFF01) and ident is not None:
+                    sops.add(str(ident.get("SOPInstanceUID", "")))
+            found += len(sops & ref.sop_uids)
+    finally:
+        assoc.release()
+    return found
+
+
+def verify(target: Target, bench: BenchSet, timeout: float) -> str | None:
+    """None when the target holds every instance (polls briefly for asynchronous indexing)."""
+    counter = target.count
+    if counter is None:
+        return None
+    last = -1
+
+    def complete() -> bool:
+        nonlocal last
+        last = counter(bench)
+        return last >= bench.count
+
+    try:
+        wait_until(complete, timeout=timeout, what="verification", interval=0.2)
+    except ServiceError:
+        return f"lost data: {last}/{bench.count} instances found"
+    return None
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@contextlib.contextmanager
+def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Iterator[Target]:
+    """Start a fresh instance of `name` with empty storage; always stopped on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = contextlib.ExitStack()
+    with stack:
+        if name == "storescp":
+            scp = stack.enter_context(start_storescp_ignore(log_path=workdir / "storescp.log"))
+            yield Target(scp, scp.port, scp.ae_title, None, rss=False)
+        elif name == "orthanc":
+            orthanc = stack.enter_context(start_orthanc(workdir))
+            yield Target(orthanc, orthanc.dicom_port, orthanc.aet, lambda b: orthanc.count_instances())
+        elif name in ("vnpacs-fs", "vnpacs-s3"):
+            env = dict(kv.split("=", 1) for kv in args.vnpacs_env)
+            if name == "vnpacs-s3":
+                s3 = stack.enter_context(start_weed(workdir / "weed"))
+                s3.make_bucket(S3_BUCKET)
+                ensure_postgres_running()
+                db = stack.enter_context(create_pg_database("vnpacs_bench"))
+                env.update(
+                    VNPACS_DATABASE_URL=db.url,
+                    VNPACS_STORAGE_URL=s3.url(S3_BUCKET),
+                    VNPACS_S3_ACCESS_KEY=s3.access_key,
+                    VNPACS_S3_SECRET_KEY=s3.secret_key,
+                )
+            srv = stack.enter_context(start_vnpacs(env, workdir / "vnpacs"))
+            yield Target(
+                srv,
+                srv.dicom_port,
+                srv.ae_title,
+                lambda b: cfind_count(srv.dicom_port, srv.ae_title, args.calling_aet, b),
+            )
+        else:
+            raise ValueError(f"unknown target {name}")
+
+
+def run_one(
+    name: str,
+    mode: str,
+    assocs: int,
+    bench: BenchSet,
+    workdir: Path,
+    args: argparse.Namespace,
+    console: Console,
+) -> Result:
+    result = Result(TARGET_LABELS[name], mode, bench.count, bench.total_bytes)
+    try:
+        with start_target(name, workdir, args) as target:
+            seconds, error = push(
+                bench.files,
+                port=target.port,
+                aet=target.aet,
+                calling_aet=args.calling_aet,
+                assocs=assocs,
+                timeout=args.push_timeout,
+            )
+            error = error or verify(target, bench, args.verify_timeout)
+            if target.rss:
+                with contextlib.suppress(Exception):
+                    result.peak_rss = target.service.peak_rss_bytes()
+            if error:
+                result.error = error
+                console.print(f"[red]{result.target} {mode}: {error}[/red]")
+                console.print(target.service.log_tail(15), markup=False, highlight=False)
+            else:
+                result.seconds = seconds
+    except Exception as exc:  # one broken target must not hide the others' numbers
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        console.print(f"[red]{result.target} {mode} failed:[/red]")
+        console.print(str(exc)[-2000:], markup=False, highlight=False)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if result.ok:
+        console.print(
+            f"{result.target:22} {mode:10} {result.seconds:7.2f}s {result.inst_per_s:8.1f} inst/s "
+            f"{result.mb_per_s:7.1f} MB/s"
+        )
+    return result
+
+
+def add_ratios(results: list[Result]) -> None:
+    """Throughput relative to Orthanc and to the storescp limit in the same mode."""
+    by_key = {(r.target, r.mode): r for r in results}
+    for r in results:
+        for ref_name, attr in (("orthanc", "ratio_orthanc"), ("storescp", "ratio_storescp")):
+            ref = by_key.get((TARGET_LABELS[ref_name], r.mode))
+            if r.ok and ref is not None and ref.ok and ref.mb_per_s and r.mb_per_s:
+                setattr(r, attr, r.mb_per_s / ref.mb_per_s)
+
+
+# --------------------------------------------------------------------------- reporting
+
+COLUMNS = (
+    "Target",
+    "Mode",
+    "Instances",
+    "Seconds",
+    "Inst/s",
+    "MB/s",
+    "vs Orthanc",
+    "vs storescp",
+    "Peak RSS MB",
+    "Status",
+)
+
+
+def _row(r: Result) -> list[str]:
+    def num(v: float | None, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+
+    per_instance = r.mode != LARGE_MODE  # instances/s of a single instance says nothing
+    return [
+        r.target,
+        r.mode,
+        str(r.instances),
+        num(r.seconds, ".2f"),
+        num(r.inst_per_s if per_instance else None, ".1f"),
+        num(r.mb_per_s, ".1f"),
+        num(r.ratio_orthanc, ".2f"),
+        num(r.ratio_storescp, ".2f"),
+        num(r.peak_rss / 1e6 if r.peak_rss else None, ".0f"),
+        "ok" if r.ok else f"FAILED: {r.error}",
+    ]
+
+
+def rich_table(results: list[Result], title: str) -> Table:
+    table = Table(title=title)
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("Target", "Mode", "Status") else "right")
+    for r in results:
+        table.add_row(*_row(r), style=None if r.ok else "red")
+    return table
+
+
+def _tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.strip().splitlines()[0] if out.strip() else "unknown"
+
+
+def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespace) -> str:
+    lines = [
+        "# Ingest benchmark",
+        "",
+        f"Generated by `python -m bench.ingest` on {datetime.now(UTC):%Y-%m-%d}.",
+        "",
+        f"- Host: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        f"- Client: DCMTK `{_tool_version([STORESCU, '--version'])}`, max PDU {MAX_PDU}, TCP_NODELAY=1, "
+        f"1 or 4 concurrent storescu processes (files split into equal contiguous groups)",
+        f"- Orthanc: `{_tool_version(['/usr/sbin/Orthanc', '--version'])}` (SQLite index, no compression)",
+        *(f"- Data: {s.description}" for s in sets),
+        "- MB = 10^6 bytes of Part 10 files sent; time is wall clock from launching storescu",
+        "  to the last one exiting.",
+        "- Every target is started fresh per run and audited afterwards (vnpacs: IMAGE-level C-FIND of every",
+        "  series; Orthanc: /statistics CountInstances); a run that lost data is FAILED and not timed.",
+        "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("Target", "Mode", "Status") else "---:" for c in COLUMNS) + "|",
+    ]
+    for r in results:
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in _row(r)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.ingest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--studies", type=int, default=10)
+    p.add_argument("--series", type=int, default=2, help="series per study")
+    p.add_argument("--slices", type=int, default=100, help="slices per series")
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--cols", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list from {','.join(TARGETS)}")
+    p.add_argument("--assocs", default="1,4", help="comma list of parallel association counts")
+    p.add_argument("--skip-large", action="store_true", help="skip the ~1 GB multi-frame peak-RSS run")
+    p.add_argument("--large-mb", type=int, default=1000, help="size of the multi-frame instance in MB")
+    p.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".cache")
+    p.add_argument("--workdir", type=Path, default=None, help="where servers keep data (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep server data and logs after each run")
+    p.add_argument("--output", type=Path, default=BENCH_DIR / "results" / "ingest.md")
+    p.add_argument("--calling-aet", default="STORESCU", help="AE title used by storescu and the C-FIND audit")
+    p.add_argument(
+        "--vnpacs-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for vnpacs, e.g. VNPACS_ALLOWED_AES=...",
+    )
+    p.add_argument("--push-timeout", type=float, default=1800.0)
+    p.add_argument("--verify-timeout", type=float, default=60.0)
+    args = p.parse_args(argv)
+    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(args.target_list) - set(TARGETS)
+    if unknown:
+        p.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    args.assoc_list = [int(a) for a in args.assocs.split(",") if a.strip()]
+    if any("=" not in kv for kv in args.vnpacs_env):
+        p.error("--vnpacs-env takes KEY=VALUE")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+        console = Console(width=170)
+    for tool in (STORESCU,):
+        if not Path(tool).exists():
+            console.print(f"[red]{tool} missing (apt-get install dcmtk)[/red]")
+            return 2
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    ct = prepare_ct_set(
+        args.cache_dir,
+        studies=args.studies,
+        series=args.series,
+        slices=args.slices,
+        rows=args.rows,
+        cols=args.cols,
+        seed=args.seed,
+        console=console,
+    )
+    sets = [ct]
+    large = None if args.skip_large else prepare_large(args.cache_dir, args.large_mb, console)
+    if large is not None:
+        sets.append(large)
+    warm_page_cache(ct.files)
+    own_workdir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="vnpacs-bench-")) if own_workdir else args.workdir
+    results: list[Result] = []
+    try:
+        for name in args.target_list:
+            for assocs in args.assoc_list:
+                mode = f"{assocs} assoc"
+                results.append(run_one(name, mode, assocs, ct, workdir / f"{name}-{assocs}", args, console))
+        if large is not None:
+            warm_page_cache(large.files)
+            for name in args.target_list:
+                results.append(run_one(name, LARGE_MODE, 1, large, workdir / f"{name}-large", args, console))
+    finally:
+        if own_workdir and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    add_ratios(results)
+    console.print(rich_table(results, f"Ingest: {ct.description}"))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(markdown(results, sets, args))
+    console.print(f"wrote {args.output}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

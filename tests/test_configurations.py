@@ -1,0 +1,55 @@
+"""The four storage configurations {filesystem, S3} × {SQLite, PostgreSQL} store, find, retrieve and verify alike."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import CONFIGURATIONS, StartServer
+from tests.data import patient, write_ct
+from tests.scu import c_find, c_get, dataset_bytes, run_dcmtk, storage_corpus, store_files, study_identifier
+
+
+def _sample() -> list[Path]:
+    """A spread of the corpus with distinct SOP Instance UIDs: uncompressed, JPEG, JPEG 2000, big endian, multi-frame."""
+    wanted = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "ExplVR_BigEnd.dcm", "emri_small.dcm",
+              "JPEG-LL.dcm", "MR2_J2KR.dcm", "SC_rgb_jpeg_dcmtk.dcm"]  # fmt: skip
+    by_name = {c.path.name: c.path for c in storage_corpus()}
+    return [by_name[n] for n in wanted if n in by_name]
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+def test_configuration_stores_finds_retrieves_and_verifies(
+    configuration: str, start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server(configuration)
+    port = server.dicom_port
+    sample = _sample()
+    assert len(sample) >= 6
+    vn = write_ct(tmp_path, who=patient("Hoàng^Thị Yến", f"CFG-{configuration}"), study=f"cfg-{configuration}")
+    via_dcmtk = run_dcmtk("storescu", "-aec", "VNPACS", "127.0.0.1", str(port), str(vn))
+    assert via_dcmtk.returncode == 0, via_dcmtk.stderr
+    statuses = store_files(port, sample)
+    assert all(s.Status == 0 for s in statuses.values()), {p.name: hex(s.Status) for p, s in statuses.items()}
+
+    matches, final = c_find(port, study_identifier("STUDY", PatientName="hoang^thi yen", PatientID=""))
+    assert final == 0 and [m.PatientID for m in matches] == [f"CFG-{configuration}"]
+
+    pairs = []
+    for path in sample:
+        ds = dcmread(path, stop_before_pixels=True)
+        pairs.append((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+    uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sample]
+    got, final = c_get(port, study_identifier("IMAGE", SOPInstanceUID=uids), pairs, tmp_path / "get")
+    assert final == 0
+    for uid, path in zip(uids, sample, strict=True):
+        assert dataset_bytes(got[uid]) == dataset_bytes(path), path.name
+
+    verify = subprocess.run([sys.executable, "-m", "pacs", "verify"], env=server.env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "missing blobs: 0, hash mismatches: 0, orphan blobs: 0" in verify.stdout

@@ -195,14 +195,16 @@ class DimseServer:
     def on_store(self, event: Any) -> Dataset:
         req = event.request
         calling = _aet(event.assoc.requestor.ae_title)
+        path = event.dataset_path
         try:
             result = self.archive.ingest_file(
-                event.dataset_path,
+                path,
                 calling_ae=calling,
                 source="dimse",
                 adopt=True,
                 expected_sop_class_uid=str(req.AffectedSOPClassUID),
                 expected_sop_instance_uid=str(req.AffectedSOPInstanceUID),
+                known_digest=netio.spooled_digest(path),
             )
         except SOPClassMismatch as exc:
             return _status(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, exc.message)

@@ -12,6 +12,7 @@ pynetdicom keeps its stock behaviour.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -160,7 +161,7 @@ def apply() -> None:
         if _applied:
             return
         _applied = True
-        from pynetdicom import _config, association, dimse, dul, transport
+        from pynetdicom import _config, association, dimse, dimse_messages, dul, transport
 
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
@@ -183,6 +184,8 @@ def apply() -> None:
         transport.AssociationSocket.connect = connect  # type: ignore[method-assign]
 
         _patch_send_c_store(association)
+        _patch_recv(transport)
+        _patch_spool(dimse_messages)
 
         dul_cls = dul.DULServiceProvider
         assoc_cls = association.Association
@@ -259,3 +262,77 @@ def _patch_send_c_store(association: Any) -> None:
         return orig_send(self, dataset, *args, **kwargs)  # type: ignore[no-any-return]
 
     association.Association.send_c_store = send_c_store
+
+
+def _patch_recv(transport: Any) -> None:
+    """Read a whole PDU with one recv_into(MSG_WAITALL) instead of a Python loop of 4 KiB recv() calls."""
+    cls = transport.AssociationSocket
+    orig_recv = cls.recv
+
+    def recv(self: Any, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        if sock is None or nr_bytes <= 0 or not isinstance(sock, socket.socket):
+            return orig_recv(self, nr_bytes)  # type: ignore[no-any-return]
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        nr_read = 0
+        while nr_read < nr_bytes:
+            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read, socket.MSG_WAITALL)
+            if not got:
+                del buffer[nr_read:]  # connection closed: return what arrived, as pynetdicom does
+                break
+            nr_read += got
+        return buffer
+
+    cls.recv = recv
+
+
+# ---- received objects hashed while they arrive -----------------------------------------------------------------
+
+_spool_digests: dict[str, Any] = {}
+_spool_lock = threading.Lock()
+
+
+class _HashingSpool:
+    """Stands in for the temporary file pynetdicom spools a received C-STORE dataset to.
+
+    The SHA-256 is computed as the fragments arrive, in the DUL thread, while it would otherwise wait on the
+    network, so ingest does not read the object again just to hash it.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        import tempfile
+
+        self._file = tempfile.NamedTemporaryFile(**kwargs)  # noqa: SIM115  # closed by pynetdicom
+        self.name = self._file.name
+        self.file = self._file.file
+        self._digest = hashlib.sha256()
+        self._size = 0
+        with _spool_lock:
+            _spool_digests[self.name] = self
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        self._size += len(data)
+        return self._file.write(data)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        with _spool_lock:
+            _spool_digests.pop(self.name, None)
+        self._file.close()
+
+
+def spooled_digest(path: Path) -> tuple[str, int] | None:
+    """(SHA-256 hex, size) of a spooled received object, if it was hashed on arrival."""
+    with _spool_lock:
+        spool = _spool_digests.get(str(path))
+    if spool is None:
+        return None
+    spool.file.flush()
+    return spool._digest.hexdigest(), spool._size
+
+
+def _patch_spool(dimse_messages: Any) -> None:
+    if getattr(dimse_messages, "NamedTemporaryFile", None) is None:
+        return
+    dimse_messages.NamedTemporaryFile = _HashingSpool

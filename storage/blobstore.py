@@ -23,7 +23,8 @@ class BlobStoreError(Exception):
 
 
 def blob_key_for(sha256: str) -> str:
-    return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
+    """256 folders: few enough that each is created (and its creation fsynced) once, early."""
+    return f"{sha256[:2]}/{sha256}.dcm"
 
 
 class BlobStore(Protocol):

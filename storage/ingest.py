@@ -184,11 +184,14 @@ def _check_pixel_data_extent(fp: BinaryIO, size: int, implicit: bool, little: bo
             raise InvalidObject("truncated encapsulated Pixel Data fragment")
 
 
-def read_header(path: Path) -> _Header:
-    """Parse a Part 10 file up to its pixel data, check it is complete, and hash it."""
+def read_header(path: Path, known_digest: tuple[str, int] | None = None) -> _Header:
+    """Parse a Part 10 file up to its pixel data, check it is complete, and hash it (unless hashed on arrival)."""
     try:
         with open(path, "rb") as fp:
-            sha256, size = _hash_file(fp)
+            if known_digest is not None and known_digest[1] == os.fstat(fp.fileno()).st_size:
+                sha256, size = known_digest
+            else:
+                sha256, size = _hash_file(fp)
             fp.seek(0)
             try:
                 ds = dcmread(fp, stop_before_pixels=True, defer_size="1 MB")
@@ -348,6 +351,8 @@ class Archive:
         else:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
         self._insert = dialect_insert
+        # Built once: the per-instance statement is then only bound and executed (SQLAlchemy caches its SQL).
+        self._insert_instance = dialect_insert(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
 
     def invalidate(self) -> None:
         """Forget cached keys, e.g. after a deletion or a correction changed the index."""
@@ -365,9 +370,13 @@ class Archive:
         adopt: bool = False,
         expected_sop_class_uid: str | None = None,
         expected_sop_instance_uid: str | None = None,
+        known_digest: tuple[str, int] | None = None,
     ) -> IngestResult:
-        """Store one Part 10 file. Returns only once bytes and index row are durable; raises IngestError."""
-        header = read_header(path)
+        """Store one Part 10 file. Returns only once bytes and index row are durable; raises IngestError.
+
+        `known_digest` is the (SHA-256, size) computed while the object was received, if it was.
+        """
+        header = read_header(path, known_digest)
         ds = header.ds
         sop_class = _check_uid(ds, "SOPClassUID")
         sop_instance = _check_uid(ds, "SOPInstanceUID")
@@ -505,9 +514,8 @@ class Archive:
                 series_pk = self._upsert(conn, Series, "series_instance_uid", series_uid, _series_values(ds, study_pk))
                 new_keys["series"] = (series_uid, series_pk)
             row["series_pk"] = series_pk
-            stmt = self._insert(Instance).values(**row).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
             outcome: Outcome = "stored"
-            if conn.execute(stmt).rowcount == 0:
+            if conn.execute(self._insert_instance, row).rowcount == 0:
                 outcome = self._duplicate(conn, row)
         with self._cache_lock:
             if "patient" in new_keys:

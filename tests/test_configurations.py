@@ -15,7 +15,7 @@ from tests.scu import c_find, c_get, dataset_bytes, run_dcmtk, storage_corpus, s
 
 
 def _sample() -> list[Path]:
-    """A spread of the corpus with distinct SOP Instance UIDs: uncompressed, JPEG, JPEG 2000, big endian, multi-frame."""
+    """A spread of the corpus, distinct SOP Instance UIDs: uncompressed, JPEG, JPEG 2000, big endian, multi-frame."""
     wanted = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "ExplVR_BigEnd.dcm", "emri_small.dcm",
               "JPEG-LL.dcm", "MR2_J2KR.dcm", "SC_rgb_jpeg_dcmtk.dcm"]  # fmt: skip
     by_name = {c.path.name: c.path for c in storage_corpus()}

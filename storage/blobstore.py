@@ -179,7 +179,7 @@ class S3BlobStore:
             timeout=urllib3.Timeout(connect=3.0, read=60.0),
             maxsize=32,
             retries=urllib3.Retry(
-                total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504], allowed_methods=None
+                total=2, backoff_factor=0.1, status_forcelist=[500, 502, 503, 504], allowed_methods=None
             ),
         )
         self.client = Minio(

@@ -398,23 +398,13 @@ class Archive:
         key = blob_key_for(header.sha256)
         if self.journal is not None:
             self.journal.begin(key)
-        try:
-            outcome = self._store(
-                ds,
-                header,
-                path,
-                key,
-                adopt,
-                calling_ae,
-                source,
-                sop_class,
-                sop_instance,
-                study_uid,
-                series_uid,
-            )
-        finally:
-            if self.journal is not None:
-                self.journal.end(key)
+        # On failure the journal entry stays open: the blob may be an orphan, which the next start removes unless
+        # a later, successful store of the same object references it.
+        outcome = self._store(
+            ds, header, path, key, adopt, calling_ae, source, sop_class, sop_instance, study_uid, series_uid
+        )
+        if self.journal is not None:
+            self.journal.end(key)
         message = {
             "stored": "",
             "duplicate": "identical object already stored",

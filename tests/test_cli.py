@@ -169,3 +169,17 @@ def test_health_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode != 0
     assert "connection" in proc.stderr.lower() or "refused" in proc.stderr.lower()
+
+
+def test_generate_writes_synthetic_vietnamese_studies_that_import_cleanly(tmp_path: Path) -> None:
+    env = offline_env(tmp_path / "data")
+    made = vnpacs(env, "generate", str(tmp_path / "gen"), "--studies", "2", "--series", "1", "--slices", "3",
+                  "--size", "64")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    files = sorted((tmp_path / "gen").rglob("*.dcm"))
+    assert len(files) == 6
+    ds = dcmread(files[0])
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and not str(ds.PatientName).isascii()
+    assert vnpacs(env, "import", str(tmp_path / "gen")).returncode == 0
+    db = sqlite3.connect(tmp_path / "data" / "index.db")
+    assert db.execute("SELECT count(*) FROM instance").fetchone() == (6,)

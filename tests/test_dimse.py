@@ -440,3 +440,25 @@ def test_parallel_associations_store_concurrently(embedded: VnpacsService, tmp_p
     assert sum(len(r) for r in results) == 100
     assert all(s.Status == 0 for r in results for s in r.values())
     assert _count(embedded.dicom_port, StudyInstanceUID="", PatientID="BN0001", AccessionNumber="") >= 100
+
+
+@pytest.mark.parametrize(
+    ("name", "query", "expected"),
+    [
+        ("chrGerm.dcm", "aneas*", "Äneas^Rüdiger"),  # ISO_IR 100
+        ("chrRuss.dcm", "люк*", "Люкceмбypг"),  # ISO_IR 144
+        ("chrH31.dcm", "yamada*", "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # ISO 2022 IR 87 with code extensions
+    ],
+)
+def test_legacy_character_sets_are_decoded_and_answered_in_utf8(
+    start_server: object, name: str, query: str, expected: str
+) -> None:
+    from pydicom.data import get_charset_files
+
+    server = start_server("fs-sqlite")  # type: ignore[operator]
+    path = Path(get_charset_files(name)[0])
+    assert store_files(server.dicom_port, [path])[path].Status == 0
+    matches, final = c_find(server.dicom_port, study_identifier("STUDY", PatientName=query))
+    assert final == 0 and len(matches) == 1
+    assert matches[0].SpecificCharacterSet == "ISO_IR 192"
+    assert str(matches[0].PatientName) == expected

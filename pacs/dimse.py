@@ -14,7 +14,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -160,13 +160,15 @@ class DimseServer:
         if allowed_aes:
             ae.require_calling_aet = allowed_aes
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts:
-            # scp_role: a C-GET requestor takes the Storage SCP role on the same association.
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False)
+        # Storage contexts are not listed: with pynetdicom's unrestricted storage service every storage, private or
+        # unknown SOP class is accepted in the first transfer syntax proposed, and SCP/SCU role selection for C-GET
+        # is answered too. Listing ~130 classes × every transfer syntax made pynetdicom deep-copy thousands of
+        # objects at each association (~50 ms before the first message).
         for model in QR_MODELS:
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
         self._server: Any = None
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -180,9 +182,6 @@ class DimseServer:
         ]
 
     def start(self) -> None:
-        from pynetdicom import _config
-
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
         self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=self.handlers())
 
     def stop(self) -> None:

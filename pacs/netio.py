@@ -165,6 +165,12 @@ def apply() -> None:
 
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
+        # pydicom's value validation runs regular expressions on every element set or read; the server neither
+        # rewrites what it receives nor needs warnings about it, and ingest checks what it relies on itself.
+        import pydicom.config
+
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
         # TCP_NODELAY on every socket pynetdicom accepts or opens (Nagle makes DIMSE crawl at ~20 inst/s).
         orig_socket_init = transport.AssociationSocket.__init__

@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -329,6 +330,19 @@ class Journal:
             os.close(self._fd)
 
 
+_CONFLICT_FIELDS = (
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "blob_key",
+    "size",
+    "sha256",
+    "received_at",
+    "calling_ae",
+    "source",
+)
+
+
 class Archive:
     """The archive core: one blob store, one index, one ingest path."""
 
@@ -573,51 +587,22 @@ class Archive:
 
     def _duplicate(self, conn: Connection, row: dict[str, Any]) -> Outcome:
         existing = conn.execute(
-            select(
-                Instance.pk,
-                Instance.sha256,
-                Instance.blob_key,
-                Instance.size,
-                Instance.sop_class_uid,
-                Instance.transfer_syntax_uid,
-                Instance.received_at,
-                Instance.calling_ae,
-                Instance.source,
-            ).where(Instance.sop_instance_uid == row["sop_instance_uid"])
+            select(Instance.pk, *[getattr(Instance, f) for f in _CONFLICT_FIELDS]).where(
+                Instance.sop_instance_uid == row["sop_instance_uid"]
+            )
         ).one()
         if existing.sha256 == row["sha256"]:
             return "duplicate"
+        kept_aside: Mapping[str, Any]
         if self.duplicate_policy == "replace":
-            conn.execute(
-                insert(InstanceConflict).values(
-                    sop_instance_uid=row["sop_instance_uid"],
-                    sop_class_uid=existing.sop_class_uid,
-                    transfer_syntax_uid=existing.transfer_syntax_uid,
-                    blob_key=existing.blob_key,
-                    size=existing.size,
-                    sha256=existing.sha256,
-                    received_at=existing.received_at,
-                    calling_ae=existing.calling_ae,
-                    source=existing.source,
-                    resolution="replaced",
-                )
-            )
+            # The newcomer is served; the earlier copy is kept aside.
+            kept_aside, resolution = dict(existing._mapping), "replaced"
             conn.execute(update(Instance).where(Instance.pk == existing.pk).values(**row))
         else:
-            conn.execute(
-                insert(InstanceConflict).values(
-                    sop_instance_uid=row["sop_instance_uid"],
-                    sop_class_uid=row["sop_class_uid"],
-                    transfer_syntax_uid=row["transfer_syntax_uid"],
-                    blob_key=row["blob_key"],
-                    size=row["size"],
-                    sha256=row["sha256"],
-                    received_at=row["received_at"],
-                    calling_ae=row["calling_ae"],
-                    source=row["source"],
-                    resolution="kept-first",
-                )
-            )
+            kept_aside, resolution = row, "kept-first"
+        conn.execute(
+            insert(InstanceConflict).values(**{f: kept_aside[f] for f in _CONFLICT_FIELDS}, resolution=resolution)
+        )
         return "conflict"
 
     # ---- health ---------------------------------------------------------------------------------------------

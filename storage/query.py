@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, distinct, exists, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, exists, func, or_, select
 
 from storage.models import Instance, Patient, PatientIdentifier, Series, Study
 from storage.text import search_key
@@ -348,41 +348,41 @@ def find(
     return QueryResult(rows=rows, truncated=truncated, unsupported=unsupported)
 
 
-def _grouped(conn: Connection, stmt: Any) -> dict[int, Any]:
-    return {row[0]: row[1] for row in conn.execute(stmt)}
+# Counts: keyword -> (level, the column grouped on, the counted column, joins from the grouped table).
+_COUNTS: dict[str, tuple[Level, Any, Any, tuple[tuple[Any, Any], ...]]] = {
+    "NumberOfPatientRelatedStudies": ("PATIENT", Study.patient_pk, Study.pk, ()),
+    "NumberOfPatientRelatedSeries": ("PATIENT", Study.patient_pk, Series.pk, ((Series, Series.study_pk == Study.pk),)),
+    "NumberOfPatientRelatedInstances": (
+        "PATIENT",
+        Study.patient_pk,
+        Instance.pk,
+        ((Series, Series.study_pk == Study.pk), (Instance, Instance.series_pk == Series.pk)),
+    ),
+    "NumberOfStudyRelatedSeries": ("STUDY", Series.study_pk, Series.pk, ()),
+    "NumberOfStudyRelatedInstances": (
+        "STUDY",
+        Series.study_pk,
+        Instance.pk,
+        ((Instance, Instance.series_pk == Series.pk),),
+    ),
+    "NumberOfSeriesRelatedInstances": ("SERIES", Instance.series_pk, Instance.pk, ()),
+}
 
 
 def _fill_computed(conn: Connection, level: Level, keys: Sequence[str], by_pk: dict[int, dict[str, Any]]) -> None:
+    """One grouped query per computed key for the whole page of results."""
     pks = list(by_pk)
     values: dict[str, dict[int, Any]] = {}
-    if level == "PATIENT":
-        if "NumberOfPatientRelatedStudies" in keys:
-            values["NumberOfPatientRelatedStudies"] = _grouped(
-                conn,
-                select(Study.patient_pk, func.count(Study.pk))
-                .where(Study.patient_pk.in_(pks))
-                .group_by(Study.patient_pk),
-            )
-        if "NumberOfPatientRelatedSeries" in keys:
-            values["NumberOfPatientRelatedSeries"] = _grouped(
-                conn,
-                select(Study.patient_pk, func.count(Series.pk))
-                .join(Series, Series.study_pk == Study.pk)
-                .where(Study.patient_pk.in_(pks))
-                .group_by(Study.patient_pk),
-            )
-        if "NumberOfPatientRelatedInstances" in keys:
-            values["NumberOfPatientRelatedInstances"] = _grouped(
-                conn,
-                select(Study.patient_pk, func.count(Instance.pk))
-                .join(Series, Series.study_pk == Study.pk)
-                .join(Instance, Instance.series_pk == Series.pk)
-                .where(Study.patient_pk.in_(pks))
-                .group_by(Study.patient_pk),
-            )
-        if "OtherPatientIDsSequence" in keys:
+    for keyword in keys:
+        if keyword in _COUNTS and _COUNTS[keyword][0] == level:
+            _, group, counted, joins = _COUNTS[keyword]
+            stmt = select(group, func.count(counted))
+            for table, on in joins:
+                stmt = stmt.join(table, on)
+            values[keyword] = {g: n for g, n in conn.execute(stmt.where(group.in_(pks)).group_by(group))}
+        elif keyword == "OtherPatientIDsSequence" and level == "PATIENT":
             items: dict[int, list[dict[str, str]]] = defaultdict(list)
-            for ident in conn.execute(
+            for patient_pk, value, issuer, type_of_id in conn.execute(
                 select(
                     PatientIdentifier.patient_pk,
                     PatientIdentifier.value,
@@ -392,53 +392,19 @@ def _fill_computed(conn: Connection, level: Level, keys: Sequence[str], by_pk: d
                 .where(PatientIdentifier.patient_pk.in_(pks))
                 .order_by(PatientIdentifier.pk)
             ):
-                items[ident[0]].append(
-                    {"PatientID": ident[1], "IssuerOfPatientID": ident[2], "TypeOfPatientID": ident[3]}
+                items[patient_pk].append(
+                    {"PatientID": value, "IssuerOfPatientID": issuer, "TypeOfPatientID": type_of_id}
                 )
-            values["OtherPatientIDsSequence"] = items
-    elif level == "STUDY":
-        if "NumberOfStudyRelatedSeries" in keys:
-            values["NumberOfStudyRelatedSeries"] = _grouped(
-                conn,
-                select(Series.study_pk, func.count(Series.pk))
-                .where(Series.study_pk.in_(pks))
-                .group_by(Series.study_pk),
-            )
-        if "NumberOfStudyRelatedInstances" in keys:
-            values["NumberOfStudyRelatedInstances"] = _grouped(
-                conn,
-                select(Series.study_pk, func.count(Instance.pk))
-                .join(Instance, Instance.series_pk == Series.pk)
-                .where(Series.study_pk.in_(pks))
-                .group_by(Series.study_pk),
-            )
-        if "ModalitiesInStudy" in keys:
-            modalities: dict[int, list[str]] = defaultdict(list)
-            for study_pk, modality in conn.execute(
-                select(Series.study_pk, Series.modality)
-                .where(Series.study_pk.in_(pks), Series.modality != "")
-                .distinct()
-                .order_by(Series.study_pk, Series.modality)
-            ):
-                modalities[study_pk].append(modality)
-            values["ModalitiesInStudy"] = modalities
-        if "SOPClassesInStudy" in keys:
-            classes: dict[int, list[str]] = defaultdict(list)
-            for study_pk, sop_class in conn.execute(
-                select(Series.study_pk, distinct(Instance.sop_class_uid))
-                .join(Instance, Instance.series_pk == Series.pk)
-                .where(Series.study_pk.in_(pks))
-                .group_by(Series.study_pk, Instance.sop_class_uid)
-            ):
-                classes[study_pk].append(sop_class)
-            values["SOPClassesInStudy"] = classes
-    elif level == "SERIES" and "NumberOfSeriesRelatedInstances" in keys:
-        values["NumberOfSeriesRelatedInstances"] = _grouped(
-            conn,
-            select(Instance.series_pk, func.count(Instance.pk))
-            .where(Instance.series_pk.in_(pks))
-            .group_by(Instance.series_pk),
-        )
+            values[keyword] = items
+        elif keyword in ("ModalitiesInStudy", "SOPClassesInStudy") and level == "STUDY":
+            column = Series.modality if keyword == "ModalitiesInStudy" else Instance.sop_class_uid
+            stmt = select(Series.study_pk, column).where(Series.study_pk.in_(pks), column != "")
+            if keyword == "SOPClassesInStudy":
+                stmt = stmt.join(Instance, Instance.series_pk == Series.pk)
+            found: dict[int, list[str]] = defaultdict(list)
+            for study_pk, value in conn.execute(stmt.distinct().order_by(Series.study_pk, column)):
+                found[study_pk].append(value)
+            values[keyword] = found
     for keyword in keys:
         per_pk = values.get(keyword, {})
         for pk, row in by_pk.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -462,3 +464,21 @@ def test_legacy_character_sets_are_decoded_and_answered_in_utf8(
     assert final == 0 and len(matches) == 1
     assert matches[0].SpecificCharacterSet == "ISO_IR 192"
     assert str(matches[0].PatientName) == expected
+
+
+def test_replace_policy_serves_the_newcomer_and_keeps_the_earlier_copy(start_server: object, tmp_path: Path) -> None:
+    server = start_server("fs-sqlite", VNPACS_DUPLICATE_POLICY="replace")  # type: ignore[operator]
+    first = write_ct(tmp_path / "a", study="replace", StudyDescription="Bản gốc")
+    second = write_ct(tmp_path / "b", study="replace", StudyDescription="Bản sửa")
+    assert store_files(server.dicom_port, [first])[first].Status == 0
+    assert store_files(server.dicom_port, [second])[second].Status == 0
+    uid = str(dcmread(first).SOPInstanceUID)
+    got, _ = c_get(server.dicom_port, study_identifier("IMAGE", SOPInstanceUID=uid),
+                   [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")], tmp_path / "get")  # fmt: skip
+    assert dataset_bytes(got[uid]) == dataset_bytes(second)
+    db = sqlite3.connect(Path(server.env["VNPACS_DATA_DIR"]) / "index.db")
+    rows = db.execute("SELECT resolution, sha256 FROM instance_conflict WHERE sop_instance_uid = ?", (uid,)).fetchall()
+    assert [r[0] for r in rows] == ["replaced"]
+    assert rows[0][1] == hashlib.sha256(first.read_bytes()).hexdigest()
+    verify = cli(server, "verify")
+    assert verify.returncode == 0, verify.stdout

@@ -276,9 +276,9 @@ class Journal:
                     del started[key]
         return set(started)
 
-    def orphaned_journals(self) -> list[Path]:
-        """Other journals in this folder whose process is gone (their lock can be taken), plus our own."""
-        found = [self.path]
+    def journals(self) -> tuple[list[Path], list[Path]]:
+        """(journals whose process is gone, ours included; journals of live processes) in this folder."""
+        dead, live = [self.path], []
         for other in sorted(self.path.parent.glob("*.log")):
             if other == self.path:
                 continue
@@ -286,11 +286,12 @@ class Journal:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                live.append(other)
                 continue
             finally:
                 os.close(fd)
-            found.append(other)
-        return found
+            dead.append(other)
+        return dead, live
 
     def _write(self, line: str) -> None:
         data = line.encode("ascii")
@@ -618,13 +619,20 @@ class Archive:
             raise StorageUnavailable(str(exc)) from exc
 
     def recover(self) -> list[str]:
-        """After a crash: delete blobs whose write began but whose index row never committed. Returns their keys."""
+        """After a crash: delete blobs whose write began but whose index row never committed. Returns their keys.
+
+        A blob is spared when the same object is in flight in a live process on this node (serve and import share
+        the data folder). Known gap: in a multi-node deployment sharing one bucket, another node storing the very
+        same bytes while this node recovers could lose its blob between its write and its commit.
+        """
         if self.journal is None:
             return []
-        journals = self.journal.orphaned_journals()
+        dead, live = self.journal.journals()
         pending: set[str] = set()
-        for path in journals:
+        for path in dead:
             pending |= Journal.pending_in(path)
+        for path in live:
+            pending -= Journal.pending_in(path)
         removed: list[str] = []
         if pending:
             with self.engine.connect() as conn:
@@ -644,7 +652,7 @@ class Archive:
                     return removed
                 removed.append(key)
         self.journal.reset()
-        for path in journals:
+        for path in dead:
             if path != self.journal.path:
                 path.unlink(missing_ok=True)
         return removed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import subprocess
 import sys
@@ -477,8 +476,11 @@ def test_replace_policy_serves_the_newcomer_and_keeps_the_earlier_copy(start_ser
                    [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")], tmp_path / "get")  # fmt: skip
     assert dataset_bytes(got[uid]) == dataset_bytes(second)
     db = sqlite3.connect(Path(server.env["VNPACS_DATA_DIR"]) / "index.db")
-    rows = db.execute("SELECT resolution, sha256 FROM instance_conflict WHERE sop_instance_uid = ?", (uid,)).fetchall()
+    rows = db.execute(
+        "SELECT resolution, blob_key FROM instance_conflict WHERE sop_instance_uid = ?", (uid,)
+    ).fetchall()
     assert [r[0] for r in rows] == ["replaced"]
-    assert rows[0][1] == hashlib.sha256(first.read_bytes()).hexdigest()
+    kept = Path(server.env["VNPACS_DATA_DIR"]) / "blobs" / rows[0][1]
+    assert dataset_bytes(kept) == dataset_bytes(first)  # the earlier copy is still there, byte for byte
     verify = cli(server, "verify")
     assert verify.returncode == 0, verify.stdout

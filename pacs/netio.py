@@ -270,6 +270,20 @@ def _patch_send_c_store(association: Any) -> None:
     association.Association.send_c_store = send_c_store
 
 
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _quickack(sock: socket.socket) -> None:
+    """ACK at once. A peer without TCP_NODELAY holds its next small segment (the dataset after the command) until
+    our ACK arrives, and Linux delays ACKs up to 40 ms: every C-STORE from such a peer would wait that long. Linux
+    clears the flag by itself, so it is set again after each PDU."""
+    if _TCP_QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        except OSError:
+            pass
+
+
 def _patch_recv(transport: Any) -> None:
     """Read a whole PDU with one recv_into(MSG_WAITALL) instead of a Python loop of 4 KiB recv() calls."""
     cls = transport.AssociationSocket
@@ -288,6 +302,7 @@ def _patch_recv(transport: Any) -> None:
                 del buffer[nr_read:]  # connection closed: return what arrived, as pynetdicom does
                 break
             nr_read += got
+        _quickack(sock)
         return buffer
 
     cls.recv = recv

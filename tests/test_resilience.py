@@ -37,7 +37,7 @@ class Pusher(threading.Thread):
 
     def run(self) -> None:
         ae = storage_ae("PUSHER")
-        ae.dimse_timeout = ae.network_timeout = 15  # a killed server must not keep the pusher waiting long
+        ae.dimse_timeout = ae.network_timeout = 6  # a killed server must not keep the pusher waiting long
         ae.add_requested_context(CT, [EXPLICIT_LE])
         assoc = ae.associate("127.0.0.1", self.port, ae_title="VNPACS")
         if not assoc.is_established:

@@ -194,6 +194,12 @@ class DimseServer:
     def on_store(self, event: Any) -> Dataset:
         req = event.request
         calling = _aet(event.assoc.requestor.ae_title)
+        negotiated = str(event.context.abstract_syntax)
+        if negotiated != str(req.AffectedSOPClassUID):
+            return _status(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"SOP Class {req.AffectedSOPClassUID} sent on a context for {negotiated}",
+            )
         path = event.dataset_path
         try:
             result = self.archive.ingest_file(

@@ -53,3 +53,17 @@ def test_configuration_stores_finds_retrieves_and_verifies(
                             timeout=120)  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "missing blobs: 0, hash mismatches: 0, orphan blobs: 0" in verify.stdout
+
+
+def test_s3_stores_a_large_object_in_parts_and_returns_it_intact(start_server: StartServer, tmp_path: Path) -> None:
+    from pacs.synthetic import make_multiframe
+
+    server = start_server("s3-sqlite")
+    big = make_multiframe(tmp_path / "big.dcm", target_bytes=40 * 1024 * 1024, rows=256, cols=256)  # > 16 MiB parts
+    sent = run_dcmtk("storescu", "-aec", "VNPACS", "127.0.0.1", str(server.dicom_port), str(big), timeout=300)
+    assert sent.returncode == 0, sent.stderr
+    ds = dcmread(big, stop_before_pixels=True)
+    got, final = c_get(server.dicom_port, study_identifier("IMAGE", SOPInstanceUID=str(ds.SOPInstanceUID)),
+                       [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))], tmp_path / "get")  # fmt: skip
+    assert final == 0
+    assert dataset_bytes(got[str(ds.SOPInstanceUID)]) == dataset_bytes(big)

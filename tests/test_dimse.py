@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -331,15 +332,18 @@ def test_c_get_can_be_cancelled(embedded: VnpacsService, tmp_path: Path) -> None
                          ext_neg=[build_role("1.2.840.10008.5.1.4.1.1.2", scp_role=True)],
                          evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
     holder["assoc"] = assoc
-    statuses = [
-        s.Status
+    responses = [
+        s
         for s, _ in assoc.send_c_get(
             study_identifier("STUDY", StudyInstanceUID=study_uid), StudyRootQueryRetrieveInformationModelGet, msg_id=1
         )
         if s
     ]
     assoc.release()
-    assert statuses[-1] == 0xFE00
+    assert responses[-1].Status == 0xFE00
+    pending = [int(r.NumberOfRemainingSuboperations) for r in responses if r.Status == 0xFF00]
+    assert pending and pending[0] == 29 and pending == sorted(pending, reverse=True)  # counts go down
+    assert int(responses[-1].NumberOfCompletedSuboperations) == len(received)
     assert 3 <= len(received) < 30
 
 
@@ -484,3 +488,43 @@ def test_replace_policy_serves_the_newcomer_and_keeps_the_earlier_copy(start_ser
     assert dataset_bytes(kept) == dataset_bytes(first)  # the earlier copy is still there, byte for byte
     verify = cli(server, "verify")
     assert verify.returncode == 0, verify.stdout
+
+
+def test_c_store_on_a_presentation_context_of_another_sop_class_is_refused(
+    embedded: VnpacsService, tmp_path: Path
+) -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    path = write_ct(tmp_path, study="wrong-context")
+    mr, ct, ts = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+    ae = storage_ae_for_test()
+    ae.add_requested_context(mr, [ts])
+    assoc = ae.associate("127.0.0.1", embedded.dicom_port, ae_title="VNPACS")
+    assert assoc.is_established
+    try:
+        context_id = assoc.accepted_contexts[0].context_id
+        req = C_STORE()
+        req.MessageID = 7
+        req.AffectedSOPClassUID = ct  # a CT object on the MR context
+        req.AffectedSOPInstanceUID = str(dcmread(path).SOPInstanceUID)
+        req.Priority = 2
+        req.DataSet = BytesIO(dataset_bytes(path))
+        # Hold the requestor's reactor, as pynetdicom's own send_* methods do, so the answer comes to us.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        assoc.dimse.send_msg(req, context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+    finally:
+        assoc.release()
+    assert rsp is not None and rsp.Status == 0xA900
+    assert _count(embedded.dicom_port, SOPInstanceUID=req.AffectedSOPInstanceUID) == 0
+
+
+def storage_ae_for_test():  # type: ignore[no-untyped-def]
+    from tests.scu import storage_ae
+
+    return storage_ae("CTXTEST")

@@ -14,7 +14,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -331,6 +331,56 @@ class Journal:
             os.close(self._fd)
 
 
+@dataclass
+class _IndexJob:
+    ds: Dataset
+    row: dict[str, Any]
+    study_uid: str
+    series_uid: str
+    outcome: Outcome | None = None
+    error: BaseException | None = None
+
+
+class _GroupCommitter:
+    """Group commit: objects arriving together on concurrent associations share one transaction and one flush.
+
+    The first waiting thread becomes the leader and indexes everything queued so far; the others wait for it and
+    then read their own outcome. A lone association sees a batch of one, as before.
+    """
+
+    def __init__(self, run_batch: Callable[[list[_IndexJob]], None]) -> None:
+        self._run_batch = run_batch
+        self._cond = threading.Condition()
+        self._queue: list[_IndexJob] = []
+        self._busy = False
+
+    def submit(self, job: _IndexJob) -> Outcome:
+        batch: list[_IndexJob] | None = None
+        with self._cond:
+            self._queue.append(job)
+            while job.outcome is None and job.error is None:
+                if not self._busy:
+                    self._busy = True
+                    batch, self._queue = self._queue, []
+                    break
+                self._cond.wait()
+        if batch is not None:
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:  # a bug must not leave waiters hanging
+                for other in batch:
+                    if other.outcome is None and other.error is None:
+                        other.error = exc
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        if job.error is not None:
+            raise job.error
+        assert job.outcome is not None
+        return job.outcome
+
+
 _CONFLICT_FIELDS = (
     "sop_instance_uid",
     "sop_class_uid",
@@ -374,6 +424,7 @@ class Archive:
         self._insert = dialect_insert
         # Built once: the per-instance statement is then only bound and executed (SQLAlchemy caches its SQL).
         self._insert_instance = dialect_insert(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        self._committer = _GroupCommitter(self._index_batch)
 
     def invalidate(self) -> None:
         """Forget cached keys, e.g. after a deletion or a correction changed the index."""
@@ -464,18 +515,29 @@ class Archive:
         except BlobStoreError as exc:
             raise StorageUnavailable(f"blob store: {exc}") from exc
         row = self._instance_row(ds, header, key, calling_ae, source, sop_class, sop_instance)
-        for attempt in range(2):
-            try:
-                return self._index(ds, row, study_uid, series_uid)
-            except IntegrityError as exc:
-                # A cached parent row was deleted by another node: forget the cache and try once more.
-                self.invalidate()
-                if attempt:
-                    raise StorageUnavailable(f"index refused the object: {_short(exc)}") from exc
-            except SQLAlchemyError as exc:
-                self.invalidate()
-                raise StorageUnavailable(f"database: {exc.__class__.__name__}: {_short(exc)}") from exc
-        raise AssertionError("unreachable")
+        return self._committer.submit(_IndexJob(ds, row, study_uid, series_uid))
+
+    def _index_batch(self, jobs: list[_IndexJob]) -> None:
+        """Index a batch of objects in one transaction; on an integrity error, one by one after a cache reset."""
+        try:
+            outcomes = self._index_many(jobs)
+        except IntegrityError:
+            # A cached parent row was deleted by another node: forget the caches and index each object alone.
+            self.invalidate()
+            for job in jobs:
+                try:
+                    job.outcome = self._index_many([job])[0]
+                except SQLAlchemyError as exc:
+                    self.invalidate()
+                    job.error = StorageUnavailable(f"index refused the object: {_short(exc)}")
+            return
+        except SQLAlchemyError as exc:
+            self.invalidate()
+            for job in jobs:
+                job.error = StorageUnavailable(f"database: {exc.__class__.__name__}: {_short(exc)}")
+            return
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.outcome = outcome
 
     def _instance_row(
         self,
@@ -507,38 +569,40 @@ class Archive:
             "source": source[:16],
         }
 
-    def _index(self, ds: Dataset, row: dict[str, Any], study_uid: str, series_uid: str) -> Outcome:
+    def _index_many(self, jobs: list[_IndexJob]) -> list[Outcome]:
         caches = self._caches
-        new_keys: dict[str, Any] = {}
+        patients: dict[tuple[str, str], int] = {}
+        studies: dict[str, int] = {}
+        series: dict[str, int] = {}
+        outcomes: list[Outcome] = []
         with self._write_lock, self.engine.begin() as conn:
-            patient_key = (_str(ds, "PatientID"), _str(ds, "IssuerOfPatientID"))
-            patient_pk = caches.patients.get(patient_key)
-            if patient_pk is None:
-                patient_pk = self._upsert_patient(conn, ds, patient_key)
-                new_keys["patient"] = (patient_key, patient_pk)
-            study_pk = caches.studies.get(study_uid)
-            if study_pk is None:
-                study_pk = self._upsert(conn, Study, "study_instance_uid", study_uid, _study_values(ds, patient_pk))
-                new_keys["study"] = (study_uid, study_pk)
-            series_pk = caches.series.get(series_uid)
-            if series_pk is None:
-                series_pk = self._upsert(conn, Series, "series_instance_uid", series_uid, _series_values(ds, study_pk))
-                new_keys["series"] = (series_uid, series_pk)
-            row["series_pk"] = series_pk
-            outcome: Outcome = "stored"
-            if conn.execute(self._insert_instance, row).rowcount == 0:
-                outcome = self._duplicate(conn, row)
+            for job in jobs:
+                ds = job.ds
+                patient_key = (_str(ds, "PatientID"), _str(ds, "IssuerOfPatientID"))
+                patient_pk = caches.patients.get(patient_key) or patients.get(patient_key)
+                if patient_pk is None:
+                    patient_pk = patients[patient_key] = self._upsert_patient(conn, ds, patient_key)
+                study_pk = caches.studies.get(job.study_uid) or studies.get(job.study_uid)
+                if study_pk is None:
+                    study_pk = studies[job.study_uid] = self._upsert(
+                        conn, Study, "study_instance_uid", job.study_uid, _study_values(ds, patient_pk)
+                    )
+                series_pk = caches.series.get(job.series_uid) or series.get(job.series_uid)
+                if series_pk is None:
+                    series_pk = series[job.series_uid] = self._upsert(
+                        conn, Series, "series_instance_uid", job.series_uid, _series_values(ds, study_pk)
+                    )
+                row = {**job.row, "series_pk": series_pk}
+                inserted = conn.execute(self._insert_instance, row).rowcount
+                outcomes.append("stored" if inserted else self._duplicate(conn, row))
+        # Only now, after the commit: a rolled-back row must never be cached.
         with self._cache_lock:
-            if "patient" in new_keys:
-                caches.patients[new_keys["patient"][0]] = new_keys["patient"][1]
-            if "study" in new_keys:
-                caches.studies[new_keys["study"][0]] = new_keys["study"][1]
-            if "series" in new_keys:
-                caches.series[new_keys["series"][0]] = new_keys["series"][1]
-            for cache in (caches.patients, caches.studies, caches.series):
-                if len(cache) > 200_000:
-                    cache.clear()
-        return outcome
+            if max(len(caches.patients), len(caches.studies), len(caches.series)) > 200_000:
+                caches.clear()
+            caches.patients.update(patients)
+            caches.studies.update(studies)
+            caches.series.update(series)
+        return outcomes
 
     def _upsert(self, conn: Connection, model: Any, uid_column: str, uid: str, values: dict[str, Any]) -> int:
         column = getattr(model, uid_column)

@@ -165,6 +165,8 @@ def apply() -> None:
 
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
+        # pynetdicom's default event handlers format every DIMSE message for INFO/DEBUG logs we do not emit.
+        _config.LOG_HANDLER_LEVEL = "none"
         # pydicom's value validation runs regular expressions on every element set or read; the server neither
         # rewrites what it receives nor needs warnings about it, and ingest checks what it relies on itself.
         import pydicom.config

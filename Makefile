@@ -42,8 +42,8 @@ services:
 	@bash .ci/services
 
 lint: install-test
-	$(VENV)/bin/ruff check storage pacs tests bench
-	$(VENV)/bin/ruff format --check storage pacs tests bench
+	$(VENV)/bin/ruff check storage pacs dicomweb tests bench
+	$(VENV)/bin/ruff format --check storage pacs dicomweb tests bench
 
 typecheck: install-test
 	$(VENV)/bin/mypy

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, select
 
+import dicomweb
 from pacs.dimse import Destination, DimseServer
 from pacs.settings import Settings
 from storage import db
@@ -123,4 +124,5 @@ def build_http(runtime: Runtime) -> FastAPI:
             return JSONResponse({"status": "unavailable", "detail": exc.message}, status_code=503)
         return JSONResponse({"status": "ok", "ae_title": runtime.settings.ae_title})
 
+    app.include_router(dicomweb.router(runtime.archive, runtime.settings.ae_title))
     return app

@@ -1,0 +1,143 @@
+"""QIDO-RS and WADO-RS against the running server, data loaded over DIMSE (one archive, one query engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from tests.data import patient, write_ct
+from tests.scu import dataset_bytes, storage_corpus, store_files
+from tests.services import VnpacsService
+
+PN, PATIENT_ID, STUDY_UID, STUDY_DESC = "00100010", "00100020", "0020000D", "00081030"
+
+
+@pytest.fixture(scope="module")
+def loaded(embedded: VnpacsService, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("web")
+    an = patient("Nguyễn^Văn An", "WEB-1")
+    files = {
+        "ct1": write_ct(d, who=an, study="web-1", series="a", index=1, StudyDate="20240105", AccessionNumber="W1"),
+        "ct2": write_ct(d, who=an, study="web-1", series="a", index=2, StudyDate="20240105", AccessionNumber="W1"),
+        "mr": write_ct(d, who=an, study="web-1", series="b", index=1, StudyDate="20240105", AccessionNumber="W1",
+                       Modality="MR"),
+        "other": write_ct(d, who=patient("Trần^Thị Bình", "WEB-2"), study="web-2", StudyDate="20240210",
+                          AccessionNumber="W2"),
+    }  # fmt: skip
+    jpeg = next(c.path for c in storage_corpus() if c.path.name == "JPEG2000.dcm")
+    files["jpeg"] = jpeg
+    assert all(s.Status == 0 for s in store_files(embedded.dicom_port, files.values()).values())
+    return files
+
+
+def qido(server: VnpacsService, path: str, **params: object) -> httpx.Response:
+    return httpx.get(f"{server.base_url}/dicom-web{path}", params=params, timeout=30)  # type: ignore[arg-type]
+
+
+def value(item: dict, tag: str) -> object:  # type: ignore[type-arg]
+    return item.get(tag, {}).get("Value", [None])[0]
+
+
+def test_qido_finds_a_vietnamese_name_without_diacritics(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    response = qido(embedded, "/studies", PatientName="nguyen*")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/dicom+json")
+    [study] = response.json()
+    assert value(study, PN) == {"Alphabetic": "Nguyễn^Văn An"}
+    assert study[PN]["vr"] == "PN"
+    assert value(study, "00080005") == "ISO_IR 192"
+    assert study["00080061"]["Value"] == ["CT", "MR"]  # ModalitiesInStudy
+    assert value(study, "00201206") == 2 and value(study, "00201208") == 3  # series and instance counts
+    uid = str(dcmread(loaded["ct1"]).StudyInstanceUID)
+    assert value(study, STUDY_UID) == uid
+    assert value(study, "00081190") == f"{embedded.base_url}/dicom-web/studies/{uid}"
+
+
+def test_qido_takes_tags_includefield_and_fuzzy_matching(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    [study] = qido(embedded, "/studies", **{PATIENT_ID: "WEB-2", "includefield": STUDY_DESC}).json()
+    assert value(study, STUDY_DESC)
+    fuzzy = qido(embedded, "/studies", PatientName="thi binh", fuzzymatching="true").json()
+    assert [value(s, PATIENT_ID) for s in fuzzy] == ["WEB-2"]
+    by_date = qido(embedded, "/studies", StudyDate="20240101-20240131", PatientID="WEB-*").json()
+    assert [value(s, PATIENT_ID) for s in by_date] == ["WEB-1"]
+
+
+def test_qido_limit_offset_and_warning(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    first = qido(embedded, "/studies", PatientID="WEB-*", limit=1)
+    assert len(first.json()) == 1
+    assert "additional results" in first.headers["warning"]
+    second = qido(embedded, "/studies", PatientID="WEB-*", limit=1, offset=1)
+    assert len(second.json()) == 1 and "warning" not in second.headers
+    assert value(first.json()[0], STUDY_UID) != value(second.json()[0], STUDY_UID)
+
+
+def test_qido_series_and_instances(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    uid = str(dcmread(loaded["ct1"]).StudyInstanceUID)
+    series = qido(embedded, f"/studies/{uid}/series").json()
+    assert sorted((value(s, "00080060"), value(s, "00201209")) for s in series) == [("CT", 2), ("MR", 1)]
+    ct = next(s for s in series if value(s, "00080060") == "CT")
+    instances = qido(embedded, f"/studies/{uid}/series/{value(ct, '0020000E')}/instances").json()
+    assert len(instances) == 2 and all(value(i, "00280010") == 64 for i in instances)  # Rows as a number
+    assert len(qido(embedded, f"/studies/{uid}/instances").json()) == 3
+
+
+def test_qido_bad_input_is_a_400_with_a_reason(embedded: VnpacsService) -> None:
+    bad_date = qido(embedded, "/studies", StudyDate="2024-01")
+    assert bad_date.status_code == 400 and "date" in bad_date.json()["detail"]
+    assert qido(embedded, "/studies", limit="many").status_code == 400
+    assert qido(embedded, "/studies", **{"99999999": "x"}).status_code == 400
+
+
+def _parts(response: httpx.Response) -> list[bytes]:
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    parts = []
+    for chunk in response.content.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        headers, _, body = chunk.partition(b"\r\n\r\n")
+        parts.append(body[:-2] if body.endswith(b"\r\n") else body)
+    return parts
+
+
+def test_wado_rs_returns_stored_instances_byte_exact(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    ds = dcmread(loaded["ct1"])
+    url = f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}"
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    response = httpx.get(url, headers={"Accept": accept}, timeout=30)
+    assert response.status_code == 200
+    parts = _parts(response)
+    assert len(parts) == 3
+    sent = {dataset_bytes(loaded[k]) for k in ("ct1", "ct2", "mr")}
+    received = set()
+    for i, body in enumerate(parts):
+        path = Path(f"/tmp/vnpacs-wado-{i}.dcm")
+        path.write_bytes(body)
+        received.add(dataset_bytes(path))
+        path.unlink()
+    assert received == sent
+
+
+def test_wado_rs_refuses_what_it_cannot_give(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    jpeg = dcmread(loaded["jpeg"], stop_before_pixels=True)
+    url = (f"{embedded.base_url}/dicom-web/studies/{jpeg.StudyInstanceUID}/series/{jpeg.SeriesInstanceUID}"
+           f"/instances/{jpeg.SOPInstanceUID}")  # fmt: skip
+    explicit = httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=30)
+    assert explicit.status_code == 406 and "transfer-syntax=*" in explicit.json()["detail"]
+    as_stored = httpx.get(url, headers={"Accept": "multipart/related; type=application/dicom; transfer-syntax=*"})
+    assert as_stored.status_code == 200 and len(_parts(as_stored)) == 1
+    assert httpx.get(url, headers={"Accept": "image/png"}).status_code == 406
+    missing = httpx.get(f"{embedded.base_url}/dicom-web/studies/1.2.3.4.5", headers={"Accept": "*/*"})
+    assert missing.status_code == 404
+
+
+def test_retrieve_urls_follow_the_reverse_proxy(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    response = httpx.get(
+        f"{embedded.base_url}/dicom-web/studies",
+        params={"PatientID": "WEB-2"},
+        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.benhvien.vn", "X-Forwarded-Prefix": "/pacs"},
+    )
+    [study] = response.json()
+    assert str(value(study, "00081190")).startswith("https://pacs.benhvien.vn/pacs/dicom-web/studies/")

@@ -1,16 +1,20 @@
-"""DICOMweb (PS3.18): QIDO-RS search and WADO-RS retrieve over the archive's one query engine and blob store."""
+"""DICOMweb (PS3.18): QIDO-RS, WADO-RS and STOW-RS over the archive's one query engine, ingest path and blob store."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter
 
-from dicomweb import qido, wado
+from dicomweb import qido, stow, wado
 from dicomweb.urls import PREFIX
 from storage.ingest import Archive
 
 
-def router(archive: Archive, ae_title: str) -> APIRouter:
+def router(archive: Archive, ae_title: str, spool: Path) -> APIRouter:
+    """All DICOMweb routes; `spool` is where uploads are written before ingest (the blob store adopts them)."""
     api = APIRouter(prefix=PREFIX)
     api.include_router(qido.router(archive, ae_title))
     api.include_router(wado.router(archive))
+    api.include_router(stow.router(archive, spool))
     return api

@@ -124,5 +124,5 @@ def build_http(runtime: Runtime) -> FastAPI:
             return JSONResponse({"status": "unavailable", "detail": exc.message}, status_code=503)
         return JSONResponse({"status": "ok", "ae_title": runtime.settings.ae_title})
 
-    app.include_router(dicomweb.router(runtime.archive, runtime.settings.ae_title))
+    app.include_router(dicomweb.router(runtime.archive, runtime.settings.ae_title, receive_tmp_dir(runtime)))
     return app

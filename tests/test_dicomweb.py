@@ -141,3 +141,87 @@ def test_retrieve_urls_follow_the_reverse_proxy(embedded: VnpacsService, loaded:
     )
     [study] = response.json()
     assert str(value(study, "00081190")).startswith("https://pacs.benhvien.vn/pacs/dicom-web/studies/")
+
+
+# ---- STOW-RS ---------------------------------------------------------------------------------------------------------
+
+
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "vnpacs-test-boundary") -> tuple[bytes, str]:
+    body = b"".join(f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n" for ctype, data in parts)
+    return body + f"--{boundary}--\r\n".encode(), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def stow(server: VnpacsService, body: bytes, content_type: str, path: str = "/studies") -> httpx.Response:
+    return httpx.post(f"{server.base_url}/dicom-web{path}", content=body, headers={"Content-Type": content_type},
+                      timeout=120)  # fmt: skip
+
+
+def test_stow_stores_through_the_same_ingest_path_and_qido_and_wado_see_it(
+    embedded: VnpacsService, tmp_path: Path
+) -> None:
+    files = [write_ct(tmp_path, who=patient("Võ^Thị Yến", "STOW-1"), study="stow", index=i) for i in (1, 2)]
+    body, ctype = multipart([("application/dicom", f.read_bytes()) for f in files])
+    response = stow(embedded, body, ctype)
+    assert response.status_code == 200, response.text
+    refs = response.json()["00081199"]["Value"]
+    assert {r["00081155"]["Value"][0] for r in refs} == {str(dcmread(f).SOPInstanceUID) for f in files}
+    [study] = qido(embedded, "/studies", PatientName="vo^thi yen").json()
+    assert value(study, "00201208") == 2
+    ds = dcmread(files[0])
+    url = (f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+           f"/instances/{ds.SOPInstanceUID}")  # fmt: skip
+    got = httpx.get(url, headers={"Accept": "multipart/related; type=application/dicom; transfer-syntax=*"})
+    assert _parts(got)[0] == files[0].read_bytes()  # STOW keeps the uploaded Part 10 file byte for byte
+
+
+def test_stow_partial_failure_is_202_with_reasons(embedded: VnpacsService, tmp_path: Path) -> None:
+    good = write_ct(tmp_path, study="stow-partial", index=1)
+    truncated = good.read_bytes()[:-3000]
+    body, ctype = multipart([("application/dicom", good.read_bytes()), ("application/dicom", truncated),
+                             ("text/plain", b"ghi chu")])  # fmt: skip
+    response = stow(embedded, body, ctype)
+    assert response.status_code == 202
+    reasons = [f["00081197"]["Value"][0] for f in response.json()["00081198"]["Value"]]
+    assert reasons == [0xC000, 0xC000]
+    assert "truncated" in response.headers["warning"]
+    assert len(response.json()["00081199"]["Value"]) == 1
+
+
+def test_stow_all_failed_is_409_and_bad_requests_are_4xx(embedded: VnpacsService, tmp_path: Path) -> None:
+    other_study = write_ct(tmp_path, study="stow-elsewhere", index=1)
+    body, ctype = multipart([("application/dicom", other_study.read_bytes())])
+    wrong_study = stow(embedded, body, ctype, "/studies/1.2.3.999")
+    assert wrong_study.status_code == 409
+    assert wrong_study.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+
+    assert stow(embedded, b"not json", "application/json").status_code == 415
+    unclosed, ctype = multipart([("application/dicom", other_study.read_bytes())])
+    truncated_body = stow(embedded, unclosed[:-30], ctype)
+    assert truncated_body.status_code == 400 and "closing boundary" in truncated_body.json()["detail"]
+    uid = str(dcmread(other_study).SOPInstanceUID)
+    assert qido(embedded, "/instances", SOPInstanceUID=uid).json() == []  # nothing half-stored
+    assert stow(embedded, b"", 'multipart/related; type="application/dicom"').status_code == 400  # no boundary
+    assert httpx.get(f"{embedded.base_url}/health").status_code == 200
+
+
+def test_stow_streams_a_large_upload_without_holding_it_in_memory(start_server: object, tmp_path: Path) -> None:
+    from pacs.synthetic import make_multiframe
+    from tests.services import vm_hwm_bytes
+
+    server = start_server("fs-sqlite")  # type: ignore[operator]
+    big = make_multiframe(tmp_path / "big.dcm", target_bytes=300 * 1024 * 1024, rows=256, cols=256)
+    boundary = "big-boundary"
+
+    def body():  # type: ignore[no-untyped-def]
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        with open(big, "rb") as fp:
+            while chunk := fp.read(1024 * 1024):
+                yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    response = httpx.post(f"{server.base_url}/dicom-web/studies", content=body(), timeout=300,
+                          headers={"Content-Type": content_type})  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert vm_hwm_bytes(server.pid) < 300 * 1024 * 1024
+    big.unlink()

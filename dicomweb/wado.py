@@ -1,19 +1,24 @@
-"""WADO-RS retrieve (PS3.18 10.4) of studies, series and instances as multipart/related application/dicom.
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
 
-Objects go out as stored, byte for byte, streamed from the blob store. Transcoding is not there yet: a request
-whose transfer syntax differs from the stored one gets 406 with the reason.
+Objects go out as stored, byte for byte, streamed from the blob store; frames are cut from the stored pixel data
+without decoding it. Transcoding is not there yet: a request for another transfer syntax gets 406 with the reason.
+Metadata comes from a cache keyed by each object's SHA-256 and carries an ETag.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from pydicom import dcmread
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicomweb.urls import base_url
+from storage import metadata, pixels
 from storage.blobstore import BlobStoreError
 from storage.ingest import Archive
 from storage.query import Level, QueryError, StoredObject, objects_for
@@ -61,13 +66,22 @@ def _wanted_syntax(accept: list[MediaRange]) -> str | None:
     return None
 
 
+def _frame_syntax(accept: list[MediaRange]) -> str | None:
+    """Transfer syntax wanted for frames ('*' for as stored), None if octet-stream parts are not acceptable."""
+    for media in accept:
+        if media.media_type in ("*/*", "multipart/*", "application/octet-stream"):
+            return media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+        if media.media_type == "multipart/related":
+            part_type = media.params.get("type", "application/octet-stream").lower()
+            if part_type in ("application/octet-stream", "*/*", "application/*"):
+                return media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+    return None
+
+
 def router(archive: Archive) -> APIRouter:
     api = APIRouter(tags=["WADO-RS"])
 
-    def retrieve(request: Request, level: Level, filters: dict[str, str]) -> StreamingResponse:
-        wanted = _wanted_syntax(parse_accept(request.headers.get("accept")))
-        if wanted is None:
-            raise HTTPException(406, 'retrieve answers multipart/related; type="application/dicom"')
+    def find_objects(level: Level, filters: dict[str, str]) -> list[StoredObject]:
         try:
             with archive.engine.connect() as conn:
                 objects = objects_for(conn, level, filters)
@@ -77,6 +91,13 @@ def router(archive: Archive) -> APIRouter:
             raise HTTPException(503, "database unavailable") from exc
         if not objects:
             raise HTTPException(404, "no such " + {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}[level])
+        return objects
+
+    def retrieve(request: Request, level: Level, filters: dict[str, str]) -> StreamingResponse:
+        wanted = _wanted_syntax(parse_accept(request.headers.get("accept")))
+        if wanted is None:
+            raise HTTPException(406, 'retrieve answers multipart/related; type="application/dicom"')
+        objects = find_objects(level, filters)
         if wanted != "*":
             other = sorted({o.transfer_syntax_uid for o in objects if o.transfer_syntax_uid != wanted})
             if other:
@@ -88,6 +109,105 @@ def router(archive: Archive) -> APIRouter:
         boundary = uuid.uuid4().hex
         media = f'multipart/related; type="application/dicom"; boundary={boundary}'
         return StreamingResponse(_multipart(archive, objects, boundary), media_type=media)
+
+    def metadata_of(request: Request, level: Level, filters: dict[str, str]) -> Response:
+        objects = find_objects(level, filters)
+        root = base_url(request)
+        etag = '"' + hashlib.sha256("|".join([root, *(o.sha256 for o in objects)]).encode()).hexdigest()[:32] + '"'
+        if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+            return Response(status_code=304, headers={"ETag": etag})
+        try:
+            texts = metadata.headers(archive.engine, archive.blobs, objects)
+        except (BlobStoreError, SQLAlchemyError) as exc:
+            raise HTTPException(503, f"storage unavailable: {exc}") from exc
+        body = ("[" + ",".join(texts) + "]").replace(metadata.ROOT, root)
+        return Response(body.encode("utf-8"), media_type="application/dicom+json",
+                        headers={"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"})  # fmt: skip
+
+    @api.get("/studies/{study}/metadata", summary="Study metadata")
+    def study_metadata(request: Request, study: str) -> Response:
+        return metadata_of(request, "STUDY", {"StudyInstanceUID": study})
+
+    @api.get("/studies/{study}/series/{series}/metadata", summary="Series metadata")
+    def series_metadata(request: Request, study: str, series: str) -> Response:
+        return metadata_of(request, "SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series})
+
+    @api.get("/studies/{study}/series/{series}/instances/{instance}/metadata", summary="Instance metadata")
+    def instance_metadata(request: Request, study: str, series: str, instance: str) -> Response:
+        filters = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+        return metadata_of(request, "IMAGE", filters)
+
+    def pixel_parts(request: Request, study: str, series: str, instance: str, numbers: list[int] | None) -> Response:
+        filters = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+        [obj] = find_objects("IMAGE", filters)
+        accept = parse_accept(request.headers.get("accept"))
+        wanted = _frame_syntax(accept)
+        if wanted is None:
+            raise HTTPException(406, 'frames are answered as multipart/related; type="application/octet-stream"')
+        try:
+            with archive.blobs.local_file(obj.blob_key) as path:
+                info = pixels.layout(path)
+                if wanted != "*" and (info.encapsulated or obj.transfer_syntax_uid == "1.2.840.10008.1.2.2"):
+                    raise HTTPException(
+                        406,
+                        f"pixel data stored in {obj.transfer_syntax_uid}; decoding is not available yet: "
+                        "ask for transfer-syntax=* to get the frames as stored",
+                    )
+                with open(path, "rb") as fp:
+                    frames = [pixels.read_frame(fp, info, n) for n in (numbers or range(1, info.number_of_frames + 1))]
+        except IndexError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except pixels.PixelDataError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except BlobStoreError as exc:
+            raise HTTPException(503, f"storage unavailable: {exc}") from exc
+        boundary = uuid.uuid4().hex
+        part_type = f"application/octet-stream; transfer-syntax={obj.transfer_syntax_uid}"
+        body = (
+            b"".join(
+                f"--{boundary}\r\nContent-Type: {part_type}\r\nContent-Length: {len(f)}\r\n\r\n".encode() + f + b"\r\n"
+                for f in frames
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
+        media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+        return Response(body, media_type=media)
+
+    @api.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}", summary="Frames")
+    def frames(request: Request, study: str, series: str, instance: str, frame_list: str) -> Response:
+        try:
+            numbers = [int(n) for n in frame_list.split(",") if n.strip()]
+        except ValueError:
+            raise HTTPException(400, f"frame numbers must be whole numbers: {frame_list}") from None
+        if not numbers:
+            raise HTTPException(400, "no frame number given")
+        return pixel_parts(request, study, series, instance, numbers)
+
+    @api.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/7FE00010", summary="Pixel data")
+    def pixel_bulkdata(request: Request, study: str, series: str, instance: str) -> Response:
+        return pixel_parts(request, study, series, instance, None)
+
+    @api.get("/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}", summary="Bulk data")
+    def bulkdata(request: Request, study: str, series: str, instance: str, tag: str) -> Response:
+        filters = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+        [obj] = find_objects("IMAGE", filters)
+        try:
+            number = int(tag, 16)
+        except ValueError:
+            raise HTTPException(400, f"not a tag: {tag}") from None
+        try:
+            with archive.blobs.local_file(obj.blob_key) as path:
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=[number])
+                elem = ds.get(number)
+                data = elem.value if elem is not None and isinstance(elem.value, bytes) else None
+        except BlobStoreError as exc:
+            raise HTTPException(503, f"storage unavailable: {exc}") from exc
+        if data is None:
+            raise HTTPException(404, f"no bulk data at tag {tag}")
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode() + data
+                + f"\r\n--{boundary}--\r\n".encode())  # fmt: skip
+        return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
 
     @api.get("/studies/{study}", summary="Retrieve a study")
     def study(request: Request, study: str) -> StreamingResponse:

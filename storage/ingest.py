@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from storage.blobstore import BlobStore, BlobStoreError, blob_key_for
 from storage.db import DatabaseError
 from storage.models import Instance, InstanceConflict, Patient, PatientIdentifier, Series, Study, utcnow
+from storage.pixels import UNDEFINED, element_header
 from storage.text import nfc, search_key
 
 log = logging.getLogger(__name__)
@@ -149,23 +150,12 @@ def _check_pixel_data_extent(fp: BinaryIO, size: int, implicit: bool, little: bo
 
     Header-only parsing never touches pixel data, so this is what catches a truncated image without loading it.
     """
-    start = fp.tell()
-    head = fp.read(12)
-    if len(head) < 8:
+    found = element_header(fp, implicit, little)
+    if found is None:
         return
+    value_start, length = found
     endian = "<" if little else ">"
-    group, elem = struct.unpack(endian + "HH", head[:4])
-    if (group, elem) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
-        return
-    # Like pydicom, look at the element itself: some writers encode this one element implicitly.
-    explicit_here = not implicit and head[4:6].isalpha() and head[4:6].isupper()
-    if not explicit_here:
-        (length,) = struct.unpack(endian + "I", head[4:8])
-        value_start = start + 8
-    else:
-        (length,) = struct.unpack(endian + "I", head[8:12])
-        value_start = start + 12
-    if length != 0xFFFFFFFF:
+    if length != UNDEFINED:
         if value_start + length > size:
             raise InvalidObject(f"truncated Pixel Data: {size - value_start} of {length} bytes present")
         return
@@ -179,7 +169,7 @@ def _check_pixel_data_extent(fp: BinaryIO, size: int, implicit: bool, little: bo
         g, e, item_len = struct.unpack(endian + "HHI", item)
         if (g, e) == (0xFFFE, 0xE0DD):
             return
-        if (g, e) != (0xFFFE, 0xE000) or item_len == 0xFFFFFFFF:
+        if (g, e) != (0xFFFE, 0xE000) or item_len == UNDEFINED:
             raise InvalidObject("malformed encapsulated Pixel Data item")
         pos += 8 + item_len
         if pos > size:

@@ -177,3 +177,13 @@ class RemoteAE(Base):
 
 Index("ix_study_patient_date", Study.patient_pk, Study.study_date)
 Index("ix_instance_series_number", Instance.series_pk, Instance.instance_number)
+
+
+class MetadataCache(Base):
+    """DICOM JSON of a stored object's header, keyed by the object's SHA-256: never stale, shared by every node."""
+
+    __tablename__ = "metadata_cache"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

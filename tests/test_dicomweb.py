@@ -225,3 +225,57 @@ def test_stow_streams_a_large_upload_without_holding_it_in_memory(start_server: 
     assert response.status_code == 200, response.text
     assert vm_hwm_bytes(server.pid) < 300 * 1024 * 1024
     big.unlink()
+
+
+# ---- metadata, frames, bulk data ------------------------------------------------------------------------------------
+
+
+def test_series_metadata_equals_the_stored_headers_and_its_bulk_data_uris_resolve(
+    embedded: VnpacsService, loaded: dict[str, Path]
+) -> None:
+    ds = dcmread(loaded["ct1"])
+    url = f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/metadata"
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/dicom+json")
+    items = {value(i, "00080018"): i for i in response.json()}
+    assert set(items) == {str(dcmread(loaded[k]).SOPInstanceUID) for k in ("ct1", "ct2")}
+    item = items[str(ds.SOPInstanceUID)]
+    assert value(item, PN) == {"Alphabetic": "Nguyễn^Văn An"}
+    assert value(item, "00280010") == ds.Rows and value(item, "00200013") == ds.InstanceNumber
+    assert item["00280030"]["Value"] == [float(v) for v in ds.PixelSpacing]
+    pixel_uri = item["7FE00010"]["BulkDataURI"]
+    assert pixel_uri.startswith(embedded.base_url)
+    pixel = httpx.get(pixel_uri, headers={"Accept": "multipart/related; type=application/octet-stream"})
+    assert pixel.status_code == 200 and _parts(pixel) == [ds.PixelData]
+
+    etag = response.headers["etag"]
+    again = httpx.get(url, headers={"If-None-Match": etag})
+    assert again.status_code == 304
+
+
+def test_frames_are_the_stored_pixel_data(embedded: VnpacsService, loaded: dict[str, Path], tmp_path: Path) -> None:
+    from pacs.synthetic import make_multiframe
+
+    multi = make_multiframe(tmp_path / "multi.dcm", target_bytes=6 * 128 * 128 * 2, rows=128, cols=128)
+    assert store_files(embedded.dicom_port, [multi])[multi].Status == 0
+    ds = dcmread(multi)
+    base = (f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")  # fmt: skip
+    frame_size = ds.Rows * ds.Columns * ds.BitsAllocated // 8
+    octet = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    got = httpx.get(f"{base}/frames/2,4", headers={"Accept": octet})
+    assert got.status_code == 200
+    assert _parts(got) == [ds.PixelData[frame_size : 2 * frame_size], ds.PixelData[3 * frame_size : 4 * frame_size]]
+    assert httpx.get(f"{base}/frames/99", headers={"Accept": octet}).status_code == 404
+
+    jpeg = dcmread(loaded["jpeg"])
+    jbase = (f"{embedded.base_url}/dicom-web/studies/{jpeg.StudyInstanceUID}/series/{jpeg.SeriesInstanceUID}"
+             f"/instances/{jpeg.SOPInstanceUID}")  # fmt: skip
+    compressed = httpx.get(f"{jbase}/frames/1", headers={"Accept": octet})
+    assert compressed.status_code == 200
+    from pydicom.encaps import generate_frames
+
+    assert _parts(compressed)[0] == next(generate_frames(jpeg.PixelData, number_of_frames=1))
+    assert f"transfer-syntax={jpeg.file_meta.TransferSyntaxUID}" in compressed.text[:400]  # says what it is
+    refused = httpx.get(f"{jbase}/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert refused.status_code == 406

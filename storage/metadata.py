@@ -1,0 +1,79 @@
+"""Cached DICOM JSON headers of stored objects: computed once per object from its file, kept in the index.
+
+The cache is keyed by the object's SHA-256, so a corrected or replaced object never meets a stale entry, and
+every node shares it. Bulk data URIs are stored relative to a ROOT placeholder that the caller replaces with the
+URL the client sees (reverse proxies differ per request).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from storage.blobstore import BlobStore
+from storage.models import MetadataCache
+from storage.query import StoredObject
+
+ROOT = "{{ROOT}}"
+BULK_THRESHOLD = 1024
+
+
+def instance_path(obj: StoredObject) -> str:
+    return f"/studies/{obj.study_instance_uid}/series/{obj.series_instance_uid}/instances/{obj.sop_instance_uid}"
+
+
+def header_json(path: Path, obj: StoredObject) -> str:
+    """The object's header as DICOM JSON text; large values and the pixel data as BulkDataURIs."""
+    with open(path, "rb") as fp:
+        ds = dcmread(fp, stop_before_pixels=True, defer_size="1 KB")
+        has_pixels = fp.read(4)[:2] in (b"\xe0\x7f", b"\x7f\xe0")
+    base = ROOT + instance_path(obj)
+
+    def bulk(elem: DataElement) -> str:
+        return f"{base}/bulkdata/{int(elem.tag):08X}"
+
+    body = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk,
+                           suppress_invalid_tags=True)  # fmt: skip
+    if has_pixels:
+        vr = "OW" if obj.transfer_syntax_uid in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") else "OB"
+        body["7FE00010"] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/7FE00010"}
+    body["00083002"] = {"vr": "UI", "Value": [obj.transfer_syntax_uid]}  # AvailableTransferSyntaxUID
+    return json.dumps(dict(sorted(body.items())), ensure_ascii=False, separators=(",", ":"))
+
+
+def headers(
+    engine: Engine,
+    blobs: BlobStore,
+    objects: Iterable[StoredObject],
+    compute: Callable[[Path, StoredObject], str] = header_json,
+) -> list[str]:
+    """DICOM JSON texts (with the ROOT placeholder) of `objects`, in order: one query for the cached ones."""
+    objects = list(objects)
+    shas = list({o.sha256 for o in objects})
+    cached: dict[str, str] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(shas), 500):
+            part = shas[start : start + 500]
+            rows = conn.execute(select(MetadataCache.sha256, MetadataCache.json).where(MetadataCache.sha256.in_(part)))
+            cached.update({sha: text for sha, text in rows})
+    missing = [o for o in objects if o.sha256 not in cached]
+    fresh: dict[str, str] = {}
+    for obj in missing:
+        if obj.sha256 in fresh:
+            continue
+        with blobs.local_file(obj.blob_key) as path:
+            fresh[obj.sha256] = compute(path, obj)
+    if fresh:
+        try:
+            with engine.begin() as conn:
+                conn.execute(insert(MetadataCache), [{"sha256": k, "json": v} for k, v in fresh.items()])
+        except IntegrityError:
+            pass  # another request or node cached them first: same content by construction
+        cached.update(fresh)
+    return [cached[o.sha256] for o in objects]

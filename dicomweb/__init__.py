@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 
-from dicomweb import qido, stow, wado
+from dicomweb import qido, rendered, stow, wado
 from dicomweb.urls import PREFIX
 from storage.ingest import Archive
 
@@ -15,6 +15,7 @@ def router(archive: Archive, ae_title: str, spool: Path) -> APIRouter:
     """All DICOMweb routes; `spool` is where uploads are written before ingest (the blob store adopts them)."""
     api = APIRouter(prefix=PREFIX)
     api.include_router(qido.router(archive, ae_title))
+    api.include_router(rendered.router(archive))
     api.include_router(wado.router(archive))
     api.include_router(stow.router(archive, spool))
     return api

@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydicom import dcmread
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicomweb import imaging
 from dicomweb.urls import base_url
 from storage import metadata, pixels
 from storage.blobstore import BlobStoreError
@@ -98,16 +99,22 @@ def router(archive: Archive) -> APIRouter:
         if wanted is None:
             raise HTTPException(406, 'retrieve answers multipart/related; type="application/dicom"')
         objects = find_objects(level, filters)
-        if wanted != "*":
-            other = sorted({o.transfer_syntax_uid for o in objects if o.transfer_syntax_uid != wanted})
-            if other:
-                raise HTTPException(
-                    406,
-                    f"stored in {', '.join(other)}; transcoding to {wanted} is not available yet: "
-                    "ask for transfer-syntax=* to get the objects as stored",
-                )
+        transcode = {o.sop_instance_uid for o in objects if wanted not in ("*", o.transfer_syntax_uid)}
+        if transcode and wanted != EXPLICIT_VR_LITTLE_ENDIAN:
+            raise HTTPException(
+                406, f"objects can be sent as stored (transfer-syntax=*) or in {EXPLICIT_VR_LITTLE_ENDIAN}"
+            )
         boundary = uuid.uuid4().hex
         media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        if transcode:
+            # Decode up front, so a failure is a 406 and not a stream broken halfway.
+            try:
+                bodies = {
+                    o.sop_instance_uid: _transcoded(archive, o) for o in objects if o.sop_instance_uid in transcode
+                }
+            except imaging.ImagingError as exc:
+                raise HTTPException(406, f"{exc}; ask for transfer-syntax=* to get the objects as stored") from exc
+            return StreamingResponse(_multipart(archive, objects, boundary, bodies), media_type=media)
         return StreamingResponse(_multipart(archive, objects, boundary), media_type=media)
 
     def metadata_of(request: Request, level: Level, filters: dict[str, str]) -> Response:
@@ -147,22 +154,26 @@ def router(archive: Archive) -> APIRouter:
         try:
             with archive.blobs.local_file(obj.blob_key) as path:
                 info = pixels.layout(path)
-                if wanted != "*" and (info.encapsulated or obj.transfer_syntax_uid == "1.2.840.10008.1.2.2"):
-                    raise HTTPException(
-                        406,
-                        f"pixel data stored in {obj.transfer_syntax_uid}; decoding is not available yet: "
-                        "ask for transfer-syntax=* to get the frames as stored",
-                    )
-                with open(path, "rb") as fp:
-                    frames = [pixels.read_frame(fp, info, n) for n in (numbers or range(1, info.number_of_frames + 1))]
+                wanted_numbers = list(numbers or range(1, info.number_of_frames + 1))
+                decode = wanted != "*" and (info.encapsulated or obj.transfer_syntax_uid == "1.2.840.10008.1.2.2")
+                if decode and wanted != EXPLICIT_VR_LITTLE_ENDIAN:
+                    raise HTTPException(406, f"frames can be sent as stored or in {EXPLICIT_VR_LITTLE_ENDIAN}")
+                if decode:
+                    frames = [imaging.native_frame_bytes(path, n) for n in wanted_numbers]
+                else:
+                    with open(path, "rb") as fp:
+                        frames = [pixels.read_frame(fp, info, n) for n in wanted_numbers]
         except IndexError as exc:
             raise HTTPException(404, str(exc)) from exc
+        except imaging.ImagingError as exc:
+            raise HTTPException(406, f"{exc}; ask for transfer-syntax=* to get the frames as stored") from exc
         except pixels.PixelDataError as exc:
             raise HTTPException(404, str(exc)) from exc
         except BlobStoreError as exc:
             raise HTTPException(503, f"storage unavailable: {exc}") from exc
         boundary = uuid.uuid4().hex
-        part_type = f"application/octet-stream; transfer-syntax={obj.transfer_syntax_uid}"
+        syntax = EXPLICIT_VR_LITTLE_ENDIAN if decode else obj.transfer_syntax_uid
+        part_type = f"application/octet-stream; transfer-syntax={syntax}"
         body = (
             b"".join(
                 f"--{boundary}\r\nContent-Type: {part_type}\r\nContent-Length: {len(f)}\r\n\r\n".encode() + f + b"\r\n"
@@ -225,18 +236,31 @@ def router(archive: Archive) -> APIRouter:
     return api
 
 
-def _multipart(archive: Archive, objects: list[StoredObject], boundary: str) -> Iterator[bytes]:
+def _transcoded(archive: Archive, obj: StoredObject) -> bytes:
+    with archive.blobs.local_file(obj.blob_key) as path:
+        return imaging.transcoded_to_explicit_le(path)
+
+
+def _multipart(
+    archive: Archive, objects: list[StoredObject], boundary: str, bodies: dict[str, bytes] | None = None
+) -> Iterator[bytes]:
     for obj in objects:
+        body = (bodies or {}).get(obj.sop_instance_uid)
+        syntax = EXPLICIT_VR_LITTLE_ENDIAN if body is not None else obj.transfer_syntax_uid
+        size = len(body) if body is not None else obj.size
         yield (
-            f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={obj.transfer_syntax_uid}\r\n"
-            f"Content-Length: {obj.size}\r\n\r\n"
+            f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}\r\n"
+            f"Content-Length: {size}\r\n\r\n"
         ).encode("ascii")
-        try:
-            with archive.blobs.open(obj.blob_key) as fp:
-                while chunk := fp.read(1024 * 1024):
-                    yield chunk
-        except BlobStoreError:
-            # Headers are gone already: end the stream short, so the client sees a broken multipart body.
-            return
+        if body is not None:
+            yield body
+        else:
+            try:
+                with archive.blobs.open(obj.blob_key) as fp:
+                    while chunk := fp.read(1024 * 1024):
+                        yield chunk
+            except BlobStoreError:
+                # Headers are gone already: end the stream short, so the client sees a broken multipart body.
+                return
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode("ascii")

@@ -124,8 +124,9 @@ def test_wado_rs_refuses_what_it_cannot_give(embedded: VnpacsService, loaded: di
     jpeg = dcmread(loaded["jpeg"], stop_before_pixels=True)
     url = (f"{embedded.base_url}/dicom-web/studies/{jpeg.StudyInstanceUID}/series/{jpeg.SeriesInstanceUID}"
            f"/instances/{jpeg.SOPInstanceUID}")  # fmt: skip
-    explicit = httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=30)
-    assert explicit.status_code == 406 and "transfer-syntax=*" in explicit.json()["detail"]
+    baseline = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    unsatisfiable = httpx.get(url, headers={"Accept": baseline}, timeout=30)  # no encoder into JPEG here
+    assert unsatisfiable.status_code == 406 and "transfer-syntax=*" in unsatisfiable.json()["detail"]
     as_stored = httpx.get(url, headers={"Accept": "multipart/related; type=application/dicom; transfer-syntax=*"})
     assert as_stored.status_code == 200 and len(_parts(as_stored)) == 1
     assert httpx.get(url, headers={"Accept": "image/png"}).status_code == 406
@@ -277,5 +278,79 @@ def test_frames_are_the_stored_pixel_data(embedded: VnpacsService, loaded: dict[
 
     assert _parts(compressed)[0] == next(generate_frames(jpeg.PixelData, number_of_frames=1))
     assert f"transfer-syntax={jpeg.file_meta.TransferSyntaxUID}" in compressed.text[:400]  # says what it is
-    refused = httpx.get(f"{jbase}/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
-    assert refused.status_code == 406
+    wants_jpeg = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    assert httpx.get(f"{jbase}/frames/1", headers={"Accept": wants_jpeg}).status_code == 406
+
+
+# ---- rendered, thumbnails, transcoding -------------------------------------------------------------------------------
+
+
+def _instance_url(server: VnpacsService, path: Path) -> str:
+    ds = dcmread(path, stop_before_pixels=True)
+    return (f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")  # fmt: skip
+
+
+def test_rendered_png_applies_rescale_and_the_requested_window(
+    embedded: VnpacsService, loaded: dict[str, Path]
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ds = dcmread(loaded["ct1"])
+    response = httpx.get(_instance_url(embedded, loaded["ct1"]) + "/rendered",
+                         params={"window": "40,400", "accept": "image/png"})  # fmt: skip
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    got = np.asarray(Image.open(io.BytesIO(response.content)), dtype=np.float64)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = np.clip((hu - (40 - 200)) / 400, 0, 1) * 255
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).mean() < 1.0
+    assert got.std() > 5  # an image, not a blank
+
+
+def test_thumbnails_and_jpeg(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ds = dcmread(loaded["jpeg"], stop_before_pixels=True)
+    for url in (
+        _instance_url(embedded, loaded["jpeg"]) + "/thumbnail",
+        f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/thumbnail",
+        f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/thumbnail",
+    ):
+        response = httpx.get(url, headers={"Accept": "image/jpeg"})
+        assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg", url
+        image = Image.open(io.BytesIO(response.content))
+        assert max(image.size) <= 128 and np.asarray(image).std() > 5
+    assert (
+        httpx.get(_instance_url(embedded, loaded["ct1"]) + "/rendered", params={"window": "40,-1"}).status_code == 400
+    )
+    assert (
+        httpx.get(_instance_url(embedded, loaded["ct1"]) + "/rendered", headers={"Accept": "image/gif"}).status_code
+        == 406
+    )
+
+
+def test_compressed_objects_are_transcoded_when_the_client_cannot_decode(
+    embedded: VnpacsService, loaded: dict[str, Path], tmp_path: Path
+) -> None:
+    import numpy as np
+
+    original = dcmread(loaded["jpeg"])
+    url = _instance_url(embedded, loaded["jpeg"])
+    response = httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=60)
+    assert response.status_code == 200
+    out = tmp_path / "explicit.dcm"
+    out.write_bytes(_parts(response)[0])
+    transcoded = dcmread(out)
+    assert transcoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(transcoded.pixel_array, original.pixel_array)
+
+    frame = httpx.get(url + "/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert frame.status_code == 200
+    assert _parts(frame)[0] == original.pixel_array.astype(original.pixel_array.dtype.newbyteorder("<")).tobytes()

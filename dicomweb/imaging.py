@@ -1,0 +1,103 @@
+"""Pixels for people and for clients that cannot decode: single decoded frames, rendered JPEG/PNG, transcoding.
+
+Rendering applies the modality LUT (rescale) and then the requested window or the file's own VOI (window or LUT);
+without either it stretches the frame's range. Decoding uses pydicom's pixel handlers (pylibjpeg codecs).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import ExplicitVRLittleEndian
+
+
+class ImagingError(ValueError):
+    """The pixel data cannot be decoded or rendered (no pixels, unsupported codec, bad parameters)."""
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    media_type: str = "image/jpeg"
+    quality: int = 90
+    window: tuple[float, float, str] | None = None  # center, width, function
+    viewport: tuple[int, int] | None = None  # fit inside, keeping the aspect ratio
+
+
+def decoded_frame(path: Path, number: int) -> tuple[np.ndarray, Dataset]:
+    """Frame `number` (1-based) decoded to a native array, with the header it was decoded under."""
+    header = dcmread(path, stop_before_pixels=True)
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    if not 1 <= number <= frames:
+        raise IndexError(f"frame {number} out of 1..{frames}")
+    try:
+        return pixel_array(path, index=number - 1), header
+    except Exception as exc:  # codec missing or corrupt data
+        raise ImagingError(f"cannot decode frame {number}: {exc}") from exc
+
+
+def native_frame_bytes(path: Path, number: int) -> bytes:
+    """Frame `number` decoded to little-endian native pixel bytes (what Explicit VR Little Endian would hold)."""
+    array, _ = decoded_frame(path, number)
+    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
+
+
+def _to_8bit(array: np.ndarray, header: Dataset, options: RenderOptions) -> np.ndarray:
+    photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2"))
+    if array.ndim == 3 and array.shape[-1] == 3:  # colour: already display values
+        if array.dtype != np.uint8:
+            array = (array / max(float(array.max()), 1.0) * 255).astype(np.uint8)
+        return array
+    values = apply_modality_lut(array, header).astype(np.float64)
+    if options.window is not None:
+        center, width, _ = options.window
+        low, high = center - width / 2, center + width / 2
+    elif "WindowCenter" in header or "VOILUTSequence" in header:
+        values = apply_voi_lut(values, header).astype(np.float64)
+        low, high = float(values.min()), float(values.max())
+    else:
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        high = low + 1
+    scaled = np.clip((values - low) / (high - low), 0, 1) * 255
+    if photometric == "MONOCHROME1":
+        scaled = 255 - scaled
+    return scaled.astype(np.uint8)
+
+
+def render(path: Path, number: int, options: RenderOptions) -> bytes:
+    array, header = decoded_frame(path, number)
+    image = Image.fromarray(_to_8bit(array, header, options))
+    if options.viewport is not None:
+        image.thumbnail(options.viewport)
+    out = io.BytesIO()
+    if options.media_type == "image/png":
+        image.save(out, format="PNG")
+    elif options.media_type == "image/jpeg":
+        image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
+            out, format="JPEG", quality=options.quality
+        )
+    else:
+        raise ImagingError(f"cannot render {options.media_type}")
+    return out.getvalue()
+
+
+def transcoded_to_explicit_le(path: Path) -> bytes:
+    """The object re-encoded in Explicit VR Little Endian, pixel data decoded: for clients that cannot decode."""
+    ds = dcmread(path)
+    try:
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        else:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    except Exception as exc:
+        raise ImagingError(f"cannot decode the pixel data: {exc}") from exc
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -6,16 +6,20 @@ from pathlib import Path
 
 from fastapi import APIRouter
 
-from dicomweb import qido, rendered, stow, wado
+from dicomweb import delete, qido, rendered, stow, wado, wado_uri
 from dicomweb.urls import PREFIX
 from storage.ingest import Archive
 
 
 def router(archive: Archive, ae_title: str, spool: Path) -> APIRouter:
     """All DICOMweb routes; `spool` is where uploads are written before ingest (the blob store adopts them)."""
+    top = APIRouter()
+    top.include_router(wado_uri.router(archive))
     api = APIRouter(prefix=PREFIX)
     api.include_router(qido.router(archive, ae_title))
     api.include_router(rendered.router(archive))
     api.include_router(wado.router(archive))
     api.include_router(stow.router(archive, spool))
-    return api
+    api.include_router(delete.router(archive))
+    top.include_router(api)
+    return top

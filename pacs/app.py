@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, select
 
@@ -125,4 +126,12 @@ def build_http(runtime: Runtime) -> FastAPI:
         return JSONResponse({"status": "ok", "ae_title": runtime.settings.ae_title})
 
     app.include_router(dicomweb.router(runtime.archive, runtime.settings.ae_title, receive_tmp_dir(runtime)))
+    if runtime.settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=runtime.settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["ETag", "Warning", "Content-Type", "Content-Length"],
+        )
     return app

@@ -31,13 +31,16 @@ class Settings(BaseSettings):
     allowed_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Calling AE titles allowed; empty = any"
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed to call the HTTP API from a browser; empty = none"
+    )
     duplicate_policy: Literal["keep-first", "replace"] = "keep-first"
     max_pdu: int = Field(4 * 1024 * 1024, description="Maximum PDU size we receive (bytes)")
     max_associations: int = 32
     log_level: str = "INFO"
     node_id: str = Field(default_factory=socket.gethostname, description="Names this node's ingest journal")
 
-    @field_validator("allowed_aes", mode="before")
+    @field_validator("allowed_aes", "cors_origins", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -23,13 +23,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from storage.blobstore import BlobStore, BlobStoreError, blob_key_for
 from storage.db import DatabaseError
 from storage.models import Instance, InstanceConflict, Patient, PatientIdentifier, Series, Study, utcnow
 from storage.pixels import UNDEFINED, element_header
+from storage.query import StoredObject
 from storage.text import nfc, search_key
 
 log = logging.getLogger(__name__)
@@ -659,6 +660,54 @@ class Archive:
             insert(InstanceConflict).values(**{f: kept_aside[f] for f in _CONFLICT_FIELDS}, resolution=resolution)
         )
         return "conflict"
+
+    # ---- deletion -------------------------------------------------------------------------------------------
+
+    def delete(self, objects: list[StoredObject]) -> int:
+        """Remove objects (a correction): index rows first, in one transaction, then their blobs.
+
+        Copies kept aside under the same SOP Instance UIDs go too; series, studies and patients left empty are
+        removed. A blob that cannot be deleted stays as an orphan for `vnpacs verify`. Returns the number removed.
+        """
+        if not objects:
+            return 0
+        uids = [o.sop_instance_uid for o in objects]
+        keys: set[str] = set()
+        try:
+            with self._write_lock, self.engine.begin() as conn:
+                for start in range(0, len(uids), 500):
+                    part = uids[start : start + 500]
+                    keys |= set(
+                        conn.execute(select(Instance.blob_key).where(Instance.sop_instance_uid.in_(part))).scalars()
+                    )
+                    keys |= set(
+                        conn.execute(
+                            select(InstanceConflict.blob_key).where(InstanceConflict.sop_instance_uid.in_(part))
+                        ).scalars()
+                    )
+                    conn.execute(delete(InstanceConflict).where(InstanceConflict.sop_instance_uid.in_(part)))
+                    conn.execute(delete(Instance).where(Instance.sop_instance_uid.in_(part)))
+                conn.execute(delete(Series).where(~exists().where(Instance.series_pk == Series.pk)))
+                conn.execute(delete(Study).where(~exists().where(Series.study_pk == Study.pk)))
+                conn.execute(
+                    delete(PatientIdentifier).where(~exists().where(Study.patient_pk == PatientIdentifier.patient_pk))
+                )
+                conn.execute(delete(Patient).where(~exists().where(Study.patient_pk == Patient.pk)))
+                # A blob still referenced by another row (identical bytes elsewhere) must stay.
+                still = set(conn.execute(select(Instance.blob_key).where(Instance.blob_key.in_(keys))).scalars())
+                still |= set(
+                    conn.execute(select(InstanceConflict.blob_key).where(InstanceConflict.blob_key.in_(keys))).scalars()
+                )
+        except SQLAlchemyError as exc:
+            raise StorageUnavailable(f"database: {exc.__class__.__name__}: {_short(exc)}") from exc
+        finally:
+            self.invalidate()
+        for key in sorted(keys - still):
+            try:
+                self.blobs.delete(key)
+            except BlobStoreError as exc:
+                log.error("index rows of %s removed, blob left as an orphan: %s", key, exc)
+        return len(set(uids))
 
     # ---- health ---------------------------------------------------------------------------------------------
 

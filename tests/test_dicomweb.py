@@ -354,3 +354,62 @@ def test_compressed_objects_are_transcoded_when_the_client_cannot_decode(
     frame = httpx.get(url + "/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
     assert frame.status_code == 200
     assert _parts(frame)[0] == original.pixel_array.astype(original.pixel_array.dtype.newbyteorder("<")).tobytes()
+
+
+# ---- WADO-URI, DELETE, CORS ------------------------------------------------------------------------------------------
+
+
+def test_wado_uri_returns_the_object_or_a_rendered_image(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    ds = dcmread(loaded["other"], stop_before_pixels=True)
+    params = {"requestType": "WADO", "studyUID": ds.StudyInstanceUID, "seriesUID": ds.SeriesInstanceUID,
+              "objectUID": ds.SOPInstanceUID}  # fmt: skip
+    as_dicom = httpx.get(f"{embedded.base_url}/wado", params={**params, "contentType": "application/dicom"})
+    assert as_dicom.status_code == 200 and as_dicom.headers["content-type"] == "application/dicom"
+    out = Path("/tmp/vnpacs-wado-uri.dcm")
+    out.write_bytes(as_dicom.content)
+    assert dataset_bytes(out) == dataset_bytes(loaded["other"])
+    out.unlink()
+    image = httpx.get(f"{embedded.base_url}/wado", params=params)  # image/jpeg by default
+    assert image.status_code == 200 and image.content[:2] == b"\xff\xd8"
+    assert httpx.get(f"{embedded.base_url}/wado", params={"requestType": "WADO"}).status_code == 400
+    assert httpx.get(f"{embedded.base_url}/wado", params={**params, "objectUID": "1.2.3"}).status_code == 404
+
+
+def test_delete_removes_index_rows_and_blobs_together(embedded: VnpacsService, tmp_path: Path) -> None:
+    import sqlite3
+    import subprocess
+    import sys
+
+    files = [write_ct(tmp_path, who=patient("Bùi^Xóa", "DEL-1"), study="del", series=s, index=i)
+             for s in ("a", "b") for i in (1, 2)]  # fmt: skip
+    assert all(s.Status == 0 for s in store_files(embedded.dicom_port, files).values())
+    ds = dcmread(files[0], stop_before_pixels=True)
+    db = sqlite3.connect(Path(embedded.env["VNPACS_DATA_DIR"]) / "index.db")
+    keys = [k for (k,) in db.execute("SELECT blob_key FROM instance i JOIN series s ON i.series_pk = s.pk "
+                                     "WHERE s.series_instance_uid = ?", (str(ds.SeriesInstanceUID),))]  # fmt: skip
+    assert len(keys) == 2
+    url = f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    deleted = httpx.delete(url)
+    assert deleted.status_code == 200 and deleted.json() == {"deleted_instances": 2}
+    assert not any((Path(embedded.env["VNPACS_DATA_DIR"]) / "blobs" / k).exists() for k in keys)
+    [study] = qido(embedded, "/studies", PatientID="DEL-1").json()
+    assert value(study, "00201206") == 1 and value(study, "00201208") == 2
+    assert httpx.delete(url).status_code == 404
+    assert httpx.delete(f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}").status_code == 200
+    assert qido(embedded, "/studies", PatientID="DEL-1").json() == []
+    verify = subprocess.run([sys.executable, "-m", "pacs", "verify"], env=embedded.env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout
+
+
+def test_cors_is_off_by_default_and_follows_the_allow_list(embedded: VnpacsService, start_server: object) -> None:
+    preflight = {"Origin": "http://viewer.benhvien.vn", "Access-Control-Request-Method": "GET"}
+    closed = httpx.options(f"{embedded.base_url}/dicom-web/studies", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers
+    server = start_server("fs-sqlite", VNPACS_CORS_ORIGINS="http://viewer.benhvien.vn")  # type: ignore[operator]
+    opened = httpx.options(f"{server.base_url}/dicom-web/studies", headers=preflight)
+    assert opened.headers["access-control-allow-origin"] == "http://viewer.benhvien.vn"
+    other = httpx.options(
+        f"{server.base_url}/dicom-web/studies", headers={**preflight, "Origin": "http://evil.example"}
+    )
+    assert other.headers.get("access-control-allow-origin") != "http://evil.example"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 
@@ -11,9 +13,12 @@ from dicomweb.urls import PREFIX
 from storage.ingest import Archive
 
 
-def router(archive: Archive, ae_title: str, spool: Path) -> APIRouter:
-    """All DICOMweb routes; `spool` is where uploads are written before ingest (the blob store adopts them)."""
-    top = APIRouter()
+def router(archive: Archive, ae_title: str, spool: Path, dependencies: Sequence[Any] = ()) -> APIRouter:
+    """All DICOMweb routes; `spool` is where uploads are written before ingest (the blob store adopts them).
+
+    `dependencies` apply to every route: the application passes its authentication there.
+    """
+    top = APIRouter(dependencies=list(dependencies))
     top.include_router(wado_uri.router(archive))
     api = APIRouter(prefix=PREFIX)
     api.include_router(qido.router(archive, ae_title))

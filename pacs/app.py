@@ -10,12 +10,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, select
 
 import dicomweb
+from pacs.auth import authenticator
 from pacs.dimse import Destination, DimseServer
 from pacs.settings import Settings
 from storage import db
@@ -125,7 +126,12 @@ def build_http(runtime: Runtime) -> FastAPI:
             return JSONResponse({"status": "unavailable", "detail": exc.message}, status_code=503)
         return JSONResponse({"status": "ok", "ae_title": runtime.settings.ae_title})
 
-    app.include_router(dicomweb.router(runtime.archive, runtime.settings.ae_title, receive_tmp_dir(runtime)))
+    authenticate = authenticator(runtime.settings)
+    app.include_router(
+        dicomweb.router(
+            runtime.archive, runtime.settings.ae_title, receive_tmp_dir(runtime), dependencies=[Depends(authenticate)]
+        )
+    )
     if runtime.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

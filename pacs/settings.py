@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed to call the HTTP API from a browser; empty = none"
     )
+    auth: Literal["none", "token"] = Field("none", description="HTTP authentication: none (embedded) or token (JWT)")
+    jwt_secret: str = Field("", description="HS256 secret for tokens (token mode)")
+    jwks_url: str = Field("", description="OIDC issuer's JWKS URL for RS/ES-signed tokens (token mode)")
+    jwt_issuer: str = Field("", description="Required `iss` claim, if set")
+    jwt_audience: str = Field("", description="Required `aud` claim, if set")
     duplicate_policy: Literal["keep-first", "replace"] = "keep-first"
     max_pdu: int = Field(4 * 1024 * 1024, description="Maximum PDU size we receive (bytes)")
     max_associations: int = 32

@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-DEBS_TEST := dcmtk
+DEBS_TEST := dcmtk chromium
 DEBS_BENCH := dcmtk orthanc orthanc-dicomweb
 
-.PHONY: install install-test run test lint typecheck pytest services debs-test debs-bench bench clean
+.PHONY: install install-test run test lint typecheck pytest services debs-test debs-bench bench clean viewer
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,21 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test debs-test
+install-test: $(VENV)/.installed-test debs-test viewer
 
-run: install
+run: install viewer
 	$(VENV)/bin/vnpacs serve
+
+# The OHIF viewer: its pinned prebuilt dist from the npm registry, unpacked into viewer_api/dist (never committed).
+OHIF_VERSION := 3.13.2
+viewer: viewer_api/dist/.ohif-$(OHIF_VERSION)
+
+viewer_api/dist/.ohif-$(OHIF_VERSION):
+	@if ! command -v npm >/dev/null; then echo "npm not found: the viewer is skipped (everything else runs)"; exit 0; fi; \
+	set -e; mkdir -p .cache/ohif; cd .cache/ohif; \
+	[ -f ohif-app-$(OHIF_VERSION).tgz ] || npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null; \
+	rm -rf package && tar xzf ohif-app-$(OHIF_VERSION).tgz; cd ../..; \
+	rm -rf viewer_api/dist && mv .cache/ohif/package/dist viewer_api/dist && touch $@
 
 # Debian packages the tests talk to (DCMTK as the real DICOM peer). Installed only when missing.
 debs-test:
@@ -42,8 +53,8 @@ services:
 	@bash .ci/services
 
 lint: install-test
-	$(VENV)/bin/ruff check storage pacs dicomweb tests bench
-	$(VENV)/bin/ruff format --check storage pacs dicomweb tests bench
+	$(VENV)/bin/ruff check storage pacs dicomweb viewer_api tests bench
+	$(VENV)/bin/ruff format --check storage pacs dicomweb viewer_api tests bench
 
 typecheck: install-test
 	$(VENV)/bin/mypy

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, select
 
 import dicomweb
+import viewer_api
 from pacs.auth import authenticator
 from pacs.dimse import Destination, DimseServer
 from pacs.settings import Settings
@@ -132,6 +133,7 @@ def build_http(runtime: Runtime) -> FastAPI:
             runtime.archive, runtime.settings.ae_title, receive_tmp_dir(runtime), dependencies=[Depends(authenticate)]
         )
     )
+    app.include_router(viewer_api.router(runtime.settings.viewer_dir or viewer_api.DIST))
     if runtime.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

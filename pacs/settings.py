@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     jwks_url: str = Field("", description="OIDC issuer's JWKS URL for RS/ES-signed tokens (token mode)")
     jwt_issuer: str = Field("", description="Required `iss` claim, if set")
     jwt_audience: str = Field("", description="Required `aud` claim, if set")
+    viewer_dir: Path | None = Field(None, description="OHIF dist folder; default: the one `make viewer` installs")
     duplicate_policy: Literal["keep-first", "replace"] = "keep-first"
     max_pdu: int = Field(4 * 1024 * 1024, description="Maximum PDU size we receive (bytes)")
     max_associations: int = 32

@@ -7,19 +7,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicomweb.lookup import stored_objects
 from storage.ingest import Archive, StorageUnavailable
-from storage.query import Level, QueryError, objects_for
+from storage.query import Level, QueryError
 
 
 def router(archive: Archive) -> APIRouter:
     api = APIRouter(tags=["Delete"])
 
     def remove(level: Level, filters: dict[str, str]) -> int:
-        with archive.engine.connect() as conn:
-            objects = objects_for(conn, level, filters)
-        if not objects:
-            raise HTTPException(404, "nothing to delete")
-        return archive.delete(objects)
+        return archive.delete(stored_objects(archive, level, filters))
 
     async def run(level: Level, filters: dict[str, str]) -> JSONResponse:
         try:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from sqlalchemy.exc import SQLAlchemyError
 
 from dicomweb.imaging import ImagingError, RenderOptions, render
+from dicomweb.lookup import stored_objects
 from dicomweb.wado import parse_accept
 from storage.blobstore import BlobStoreError
 from storage.ingest import Archive
-from storage.query import Level, QueryError, StoredObject, objects_for
+from storage.query import Level, StoredObject
 
 THUMBNAIL = (128, 128)
 _TYPES = ("image/jpeg", "image/png")
@@ -56,15 +56,7 @@ def router(archive: Archive) -> APIRouter:
 
     def pick(level: Level, filters: dict[str, str]) -> StoredObject:
         """The instance to show: itself, or the middle instance of a series (first series of a study)."""
-        try:
-            with archive.engine.connect() as conn:
-                objects = objects_for(conn, level, filters)
-        except QueryError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        except SQLAlchemyError as exc:
-            raise HTTPException(503, "database unavailable") from exc
-        if not objects:
-            raise HTTPException(404, "nothing to render")
+        objects = stored_objects(archive, level, filters)
         first_series = [o for o in objects if o.series_instance_uid == objects[0].series_instance_uid]
         return first_series[len(first_series) // 2]
 

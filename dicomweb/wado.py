@@ -18,11 +18,12 @@ from pydicom import dcmread
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomweb import imaging
+from dicomweb.lookup import stored_objects
 from dicomweb.urls import base_url
 from storage import metadata, pixels
 from storage.blobstore import BlobStoreError
 from storage.ingest import Archive
-from storage.query import Level, QueryError, StoredObject, objects_for
+from storage.query import Level, StoredObject
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
@@ -83,16 +84,7 @@ def router(archive: Archive) -> APIRouter:
     api = APIRouter(tags=["WADO-RS"])
 
     def find_objects(level: Level, filters: dict[str, str]) -> list[StoredObject]:
-        try:
-            with archive.engine.connect() as conn:
-                objects = objects_for(conn, level, filters)
-        except QueryError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        except SQLAlchemyError as exc:
-            raise HTTPException(503, "database unavailable") from exc
-        if not objects:
-            raise HTTPException(404, "no such " + {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}[level])
-        return objects
+        return stored_objects(archive, level, filters)
 
     def retrieve(request: Request, level: Level, filters: dict[str, str]) -> StreamingResponse:
         wanted = _wanted_syntax(parse_accept(request.headers.get("accept")))

@@ -5,12 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from sqlalchemy.exc import SQLAlchemyError
 
 from dicomweb.imaging import ImagingError, RenderOptions, render, transcoded_to_explicit_le
+from dicomweb.lookup import stored_objects
 from storage.blobstore import BlobStoreError
 from storage.ingest import Archive
-from storage.query import QueryError, objects_for
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
@@ -28,16 +27,7 @@ def router(archive: Archive) -> APIRouter:
             raise HTTPException(400, f"missing {', '.join(missing)}")
         filters = {"StudyInstanceUID": q["studyUID"], "SeriesInstanceUID": q["seriesUID"],
                    "SOPInstanceUID": q["objectUID"]}  # fmt: skip
-        try:
-            with archive.engine.connect() as conn:
-                objects = objects_for(conn, "IMAGE", filters)
-        except QueryError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        except SQLAlchemyError as exc:
-            raise HTTPException(503, "database unavailable") from exc
-        if not objects:
-            raise HTTPException(404, "no such object")
-        obj = objects[0]
+        obj = stored_objects(archive, "IMAGE", filters)[0]
         content_types = [c.strip().split(";")[0] for c in q.get("contentType", "image/jpeg").split(",")]
         try:
             if "application/dicom" in content_types:

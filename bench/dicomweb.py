@@ -39,6 +39,7 @@ from bench.ingest import (
     BenchSet,
     Target,
     _tool_version,
+    add_dataset_args,
     cfind_count,
     prepare_ct_set,
     push,
@@ -522,12 +523,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--studies", type=int, default=10)
-    p.add_argument("--series", type=int, default=2, help="series per study")
-    p.add_argument("--slices", type=int, default=50, help="slices per series")
-    p.add_argument("--rows", type=int, default=512)
-    p.add_argument("--cols", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_dataset_args(p, slices=50)
     p.add_argument("--large-series", type=int, default=2, help="series of the large (metadata/retrieve) study")
     p.add_argument("--large-slices", type=int, default=100, help="slices per series of the large study")
     p.add_argument("--requests", type=int, default=50, help="requests per QIDO/frame/thumbnail measurement")

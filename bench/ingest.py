@@ -480,18 +480,23 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
 # --------------------------------------------------------------------------- main
 
 
+def add_dataset_args(p: argparse.ArgumentParser, *, slices: int) -> None:
+    """The synthetic data set's shape, shared by the benchmarks."""
+    p.add_argument("--studies", type=int, default=10)
+    p.add_argument("--series", type=int, default=2, help="series per study")
+    p.add_argument("--slices", type=int, default=slices, help="slices per series")
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--cols", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.ingest",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--studies", type=int, default=10)
-    p.add_argument("--series", type=int, default=2, help="series per study")
-    p.add_argument("--slices", type=int, default=100, help="slices per series")
-    p.add_argument("--rows", type=int, default=512)
-    p.add_argument("--cols", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_dataset_args(p, slices=100)
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list from {','.join(TARGETS)}")
     p.add_argument("--assocs", default="1,4", help="comma list of parallel association counts")
     p.add_argument("--skip-large", action="store_true", help="skip the ~1 GB multi-frame peak-RSS run")

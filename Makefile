@@ -66,6 +66,7 @@ test: lint typecheck pytest
 
 bench: install-test debs-bench services
 	$(PY) -m bench.ingest $(BENCH_ARGS)
+	$(PY) -m bench.dicomweb
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -229,12 +229,12 @@ def _ingest_parts(
     failed: list[tuple[str, str, int, str]] = []
     for part in parts:
         try:
-            sop_class, sop_uid = _identify(part.path)
+            sop_class, sop_uid, study_uid = _identify(part.path)
             content_type = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
             if content_type != "application/dicom":
                 failed.append((sop_class, sop_uid, CANNOT_UNDERSTAND, f"part of type {content_type} is not DICOM"))
                 continue
-            if study is not None and _study_of(part.path) != study:
+            if study is not None and study_uid != study:
                 failed.append((sop_class, sop_uid, DOES_NOT_MATCH, "instance belongs to another study"))
                 continue
             try:
@@ -257,17 +257,11 @@ def _ingest_parts(
     return stored, failed
 
 
-def _identify(path: Path) -> tuple[str, str]:
-    """SOP Class and Instance UIDs for the response, as far as the part can be read ('' when it cannot)."""
+def _identify(path: Path) -> tuple[str, str, str]:
+    """SOP Class, SOP Instance and Study UIDs for the response and the study check ('' where unreadable)."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+        ds = dcmread(path, stop_before_pixels=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])  # fmt: skip
+        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", ""))
     except Exception:
-        return "", ""
-
-
-def _study_of(path: Path) -> str:
-    try:
-        return str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
-    except Exception:
-        return ""
+        return "", "", ""

@@ -163,18 +163,8 @@ def router(archive: Archive) -> APIRouter:
             raise HTTPException(404, str(exc)) from exc
         except BlobStoreError as exc:
             raise HTTPException(503, f"storage unavailable: {exc}") from exc
-        boundary = uuid.uuid4().hex
         syntax = EXPLICIT_VR_LITTLE_ENDIAN if decode else obj.transfer_syntax_uid
-        part_type = f"application/octet-stream; transfer-syntax={syntax}"
-        body = (
-            b"".join(
-                f"--{boundary}\r\nContent-Type: {part_type}\r\nContent-Length: {len(f)}\r\n\r\n".encode() + f + b"\r\n"
-                for f in frames
-            )
-            + f"--{boundary}--\r\n".encode()
-        )
-        media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
-        return Response(body, media_type=media)
+        return _octet_parts(frames, f"application/octet-stream; transfer-syntax={syntax}")
 
     @api.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}", summary="Frames")
     def frames(request: Request, study: str, series: str, instance: str, frame_list: str) -> Response:
@@ -207,10 +197,7 @@ def router(archive: Archive) -> APIRouter:
             raise HTTPException(503, f"storage unavailable: {exc}") from exc
         if data is None:
             raise HTTPException(404, f"no bulk data at tag {tag}")
-        boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode() + data
-                + f"\r\n--{boundary}--\r\n".encode())  # fmt: skip
-        return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
+        return _octet_parts([data], "application/octet-stream")
 
     @api.get("/studies/{study}", summary="Retrieve a study")
     def study(request: Request, study: str) -> StreamingResponse:
@@ -226,6 +213,17 @@ def router(archive: Archive) -> APIRouter:
         return retrieve(request, "IMAGE", filters)
 
     return api
+
+
+def _octet_parts(parts: list[bytes], part_type: str) -> Response:
+    """A multipart/related response of octet-stream parts (frames, bulk data), each with its length."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: {part_type}\r\nContent-Length: {len(p)}\r\n\r\n".encode() + p + b"\r\n"
+        for p in parts
+    )
+    body += f"--{boundary}--\r\n".encode()
+    return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
 
 
 def _transcoded(archive: Archive, obj: StoredObject) -> bytes:

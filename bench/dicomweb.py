@@ -35,12 +35,13 @@ from rich.table import Table
 
 from bench.ingest import (
     BENCH_DIR,
-    STORESCU,
     BenchSet,
     Target,
     _tool_version,
     add_dataset_args,
+    bench_console,
     cfind_count,
+    have_storescu,
     prepare_ct_set,
     push,
     verify,
@@ -549,11 +550,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=150)
-    if not Path(STORESCU).exists():
-        console.print(f"[red]{STORESCU} missing (apt-get install dcmtk)[/red]")
+    console = bench_console(150)
+    if not have_storescu(console):
         return 2
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     ct = prepare_ct_set(

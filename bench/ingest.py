@@ -480,6 +480,19 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
 # --------------------------------------------------------------------------- main
 
 
+def bench_console(width: int) -> Console:
+    """A console for the tables; in logs and CI, wide enough not to squeeze them into 80 columns."""
+    console = Console()
+    return console if console.is_terminal else Console(width=width)
+
+
+def have_storescu(console: Console) -> bool:
+    if Path(STORESCU).exists():
+        return True
+    console.print(f"[red]{STORESCU} missing (apt-get install dcmtk)[/red]")
+    return False
+
+
 def add_dataset_args(p: argparse.ArgumentParser, *, slices: int) -> None:
     """The synthetic data set's shape, shared by the benchmarks."""
     p.add_argument("--studies", type=int, default=10)
@@ -528,13 +541,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
-        console = Console(width=170)
-    for tool in (STORESCU,):
-        if not Path(tool).exists():
-            console.print(f"[red]{tool} missing (apt-get install dcmtk)[/red]")
-            return 2
+    console = bench_console(170)
+    if not have_storescu(console):
+        return 2
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     ct = prepare_ct_set(
         args.cache_dir,

@@ -53,8 +53,8 @@ services:
 	@bash .ci/services
 
 lint: install-test
-	$(VENV)/bin/ruff check storage pacs dicomweb viewer_api tests bench
-	$(VENV)/bin/ruff format --check storage pacs dicomweb viewer_api tests bench
+	$(VENV)/bin/ruff check storage pacs dicomweb viewer_api worklist tests bench
+	$(VENV)/bin/ruff format --check storage pacs dicomweb viewer_api worklist tests bench
 
 typecheck: install-test
 	$(VENV)/bin/mypy

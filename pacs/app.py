@@ -24,6 +24,7 @@ from storage import db
 from storage.blobstore import BlobStore, FileBlobStore, open_blob_store
 from storage.ingest import Archive, Journal, StorageUnavailable
 from storage.models import RemoteAE
+from worklist import db as worklist_db
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ class Runtime:
             self.archive.journal.close(remove=True)
 
 
+def migrate_schema(url: str, revision: str = "head") -> None:
+    """The index's schema to `revision`, then the RIS tables' to their head (each package keeps its own history)."""
+    db.upgrade(url, revision)
+    worklist_db.upgrade(url)
+
+
 def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | None = None) -> Runtime:
     """Engine, blob store and archive for `settings`; migrates the schema first unless told not to.
 
@@ -50,7 +57,7 @@ def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | No
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
     if migrate:
-        db.upgrade(url)
+        migrate_schema(url)
     engine = db.make_engine(url)
     blobs = open_blob_store(
         settings.resolved_storage_url,

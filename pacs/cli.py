@@ -272,12 +272,12 @@ def generate(
 
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
-    """Apply the Alembic migrations to the configured database."""
-    from storage import db
+    """Apply the Alembic migrations (the index's, then the RIS tables') to the configured database."""
+    from pacs.app import migrate_schema
 
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db.upgrade(settings.resolved_database_url, revision)
+    migrate_schema(settings.resolved_database_url, revision)
     Console().print(f"database at revision {revision}")
 
 

@@ -51,6 +51,21 @@ QR_MODELS = [
 _SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
 
 
+@dataclass
+class DimseService:
+    """A DIMSE service another package adds to the server (Modality Worklist, MPPS, Storage Commitment...).
+
+    The handlers take pynetdicom's event and answer as pynetdicom's handlers for that message do; the server
+    dispatches to them by SOP Class, so several services share one C-FIND / N-CREATE / N-SET / N-ACTION event.
+    """
+
+    sop_class: str
+    find: Callable[[Any], Iterator[tuple[int, Dataset | None]]] | None = None
+    n_create: Callable[[Any], tuple[Any, Dataset | None]] | None = None
+    n_set: Callable[[Any], tuple[Any, Dataset | None]] | None = None
+    n_action: Callable[[Any], tuple[Any, Dataset | None]] | None = None
+
+
 @dataclass(frozen=True)
 class Destination:
     ae_title: str
@@ -144,6 +159,7 @@ class DimseServer:
         max_pdu: int,
         max_associations: int,
         resolve_destination: Callable[[str], Destination | None],
+        services: list[DimseService] | None = None,
     ) -> None:
         netio.apply()
         self.archive = archive
@@ -166,6 +182,9 @@ class DimseServer:
         # objects at each association (~50 ms before the first message).
         for model in QR_MODELS:
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
+        self.services = {service.sop_class: service for service in services or []}
+        for sop_class in self.services:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
         self._server: Any = None
         _config.UNRESTRICTED_STORAGE_SERVICE = True
@@ -179,7 +198,17 @@ class DimseServer:
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_N_CREATE, lambda event: self._n_service(event, "n_create", "AffectedSOPClassUID")),
+            (evt.EVT_N_SET, lambda event: self._n_service(event, "n_set", "RequestedSOPClassUID")),
+            (evt.EVT_N_ACTION, lambda event: self._n_service(event, "n_action", "RequestedSOPClassUID")),
         ]
+
+    def _n_service(self, event: Any, kind: str, class_key: str) -> tuple[Any, Dataset | None]:
+        service = self.services.get(str(getattr(event.request, class_key, "") or ""))
+        handler = getattr(service, kind, None) if service else None
+        if handler is None:
+            return status.NO_SUCH_SOP_CLASS, None
+        return handler(event)  # type: ignore[no-any-return]
 
     def start(self) -> None:
         self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=self.handlers())
@@ -228,6 +257,10 @@ class DimseServer:
     # ---- Query ---------------------------------------------------------------------------------------------
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        service = self.services.get(str(event.request.AffectedSOPClassUID))
+        if service is not None and service.find is not None:
+            yield from service.find(event)
+            return
         try:
             level, filters, keys = identifier_to_query(event.identifier)
             patient_root = str(event.request.AffectedSOPClassUID) in PATIENT_ROOT

@@ -45,8 +45,26 @@ class Settings(BaseSettings):
     max_associations: int = 32
     log_level: str = "INFO"
     node_id: str = Field(default_factory=socket.gethostname, description="Names this node's ingest journal")
+    # ---- RIS (worklist/) ----
+    hl7_host: str = Field("127.0.0.1", description="Address of the HL7 v2 MLLP listener (orders, ADT from the HIS)")
+    hl7_port: int = Field(2575, description="Port of the HL7 v2 MLLP listener; 0 = no listener")
+    his_oru_url: str = Field("", description="Where final reports go as ORU^R01: mllp://HOST:PORT; empty = nowhere")
+    ascii_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Calling AE titles that get worklist answers in ASCII (diacritics removed, đ→d)",
+    )
+    commitment_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Storage commitment reports on a new association: AET=HOST:PORT entries (else remote AEs)",
+    )
+    broker_url: str = Field(
+        "", description="Celery broker for outbound messages; empty = SQLAlchemy transport over SQLite in the data dir"
+    )
+    signing_p12: Path | None = Field(None, description="PKCS#12 file (certificate + key) reports are signed with")
+    signing_p12_password: str = ""
+    public_url: str = Field("", description="Base URL the QR code on reports points to; default http://HTTP_HOST:PORT")
 
-    @field_validator("allowed_aes", "cors_origins", mode="before")
+    @field_validator("allowed_aes", "cors_origins", "ascii_aes", "commitment_aes", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):

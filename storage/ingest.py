@@ -84,6 +84,8 @@ class IngestResult:
     sha256: str
     size: int
     message: str = ""
+    accession_number: str = ""
+    patient_id: str = ""
 
 
 @dataclass
@@ -416,6 +418,8 @@ class Archive:
         # Built once: the per-instance statement is then only bound and executed (SQLAlchemy caches its SQL).
         self._insert_instance = dialect_insert(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
         self._committer = _GroupCommitter(self._index_batch)
+        # Called after each durable store (outside the index transaction); they must return quickly.
+        self.listeners: list[Callable[[IngestResult], None]] = []
 
     def invalidate(self) -> None:
         """Forget cached keys, e.g. after a deletion or a correction changed the index."""
@@ -475,7 +479,7 @@ class Archive:
         }[outcome]
         if outcome == "conflict":
             log.warning("SOP Instance %s received again with different bytes: %s", sop_instance, message)
-        return IngestResult(
+        result = IngestResult(
             outcome=outcome,
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
@@ -485,7 +489,15 @@ class Archive:
             sha256=header.sha256,
             size=header.size,
             message=message,
+            accession_number=_str(ds, "AccessionNumber", 16),
+            patient_id=_str(ds, "PatientID"),
         )
+        for listener in self.listeners:
+            try:
+                listener(result)
+            except Exception:  # a listener's failure must not turn a durable store into an error
+                log.exception("ingest listener %r failed", listener)
+        return result
 
     def _store(
         self,

@@ -7,8 +7,9 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,15 +19,24 @@ from sqlalchemy import Engine, select
 import dicomweb
 import viewer_api
 from pacs.auth import authenticator
-from pacs.dimse import Destination, DimseServer
+from pacs.dimse import Destination, DimseServer, DimseService
 from pacs.settings import Settings
 from storage import db
 from storage.blobstore import BlobStore, FileBlobStore, open_blob_store
 from storage.ingest import Archive, Journal, StorageUnavailable
 from storage.models import RemoteAE
 from worklist import db as worklist_db
+from worklist.orders import Orders
 
 log = logging.getLogger(__name__)
+
+
+class Background(Protocol):
+    """Something `vnpacs serve` runs beside DIMSE and HTTP (the MLLP listener, the reconciler...)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -35,6 +45,8 @@ class Runtime:
     engine: Engine
     blobs: BlobStore
     archive: Archive
+    orders: Orders
+    background: list[Background] = field(default_factory=list)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -70,7 +82,7 @@ def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | No
         name = f"{settings.node_id}-{journal}" if journal == "serve" else f"{settings.node_id}-{journal}-{os.getpid()}"
         journal_file = Journal(settings.data_dir.resolve() / "journal" / f"{name}.log")
     archive = Archive(engine, blobs, duplicate_policy=settings.duplicate_policy, journal=journal_file)
-    return Runtime(settings=settings, engine=engine, blobs=blobs, archive=archive)
+    return Runtime(settings=settings, engine=engine, blobs=blobs, archive=archive, orders=Orders(engine))
 
 
 def receive_tmp_dir(runtime: Runtime) -> Path:
@@ -109,6 +121,16 @@ def destination_resolver(engine: Engine):  # type: ignore[no-untyped-def]
     return resolve
 
 
+def ris_services(runtime: Runtime) -> list[DimseService]:
+    """The RIS's DIMSE services: Modality Worklist, MPPS, Storage Commitment."""
+    return []
+
+
+def build_background(runtime: Runtime) -> list[Background]:
+    """What `serve` runs beside DIMSE and HTTP, in start order (stopped in reverse)."""
+    return []
+
+
 def build_dimse(runtime: Runtime) -> DimseServer:
     s = runtime.settings
     return DimseServer(
@@ -120,6 +142,7 @@ def build_dimse(runtime: Runtime) -> DimseServer:
         max_pdu=s.max_pdu,
         max_associations=s.max_associations,
         resolve_destination=destination_resolver(runtime.engine),
+        services=ris_services(runtime),
     )
 
 

@@ -56,13 +56,16 @@ def serve() -> None:
     """Serve DIMSE and HTTP in one process on the configured ports."""
     import uvicorn
 
-    from pacs.app import build_dimse, build_http, build_runtime, prepare_to_serve
+    from pacs.app import build_background, build_dimse, build_http, build_runtime, prepare_to_serve
 
     settings = _settings()
     runtime = build_runtime(settings, journal="serve")
     prepare_to_serve(runtime)
     dimse = build_dimse(runtime)
     dimse.start()
+    background = build_background(runtime)
+    for task in background:
+        task.start()
     logging.getLogger("vnpacs").info(
         "DIMSE %s on %s:%d, HTTP on %s:%d, index %s, blobs %s",
         settings.ae_title,
@@ -82,6 +85,8 @@ def serve() -> None:
             access_log=False,
         )
     finally:
+        for task in reversed(background):
+            task.stop()
         dimse.stop()
         runtime.close()
 

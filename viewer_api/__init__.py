@@ -3,6 +3,13 @@ an app-config.js that points OHIF at this server's own /dicom-web.
 
 OHIF's dist is built for the site root; here its absolute asset paths are rewritten to /viewer/ when index.html is
 served, and its router is given /viewer as base. MPR needs cross-origin isolation, hence COOP/COEP on the pages.
+
+Token mode (`VNPACS_AUTH=token`): the viewer's files stay open, the data does not. Open the viewer with the JWT as
+`/viewer/?token=…` or `/viewer/#token=…` (the fragment never reaches a server log); app-config.js takes it out of the
+address bar, keeps it in the tab's sessionStorage (reloads and in-app navigation keep working, closing the tab
+forgets it) and hands it to OHIF's user-authentication service, so every DICOMweb request OHIF makes (QIDO, metadata,
+frames through the image loader, thumbnails, rendered media fetched into object URLs) carries
+`Authorization: Bearer …`. A 401 puts a notice on the page saying the token is missing or expired.
 """
 
 from __future__ import annotations
@@ -18,11 +25,55 @@ DIST = Path(__file__).resolve().parent / "dist"
 ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 
 APP_CONFIG = """/** vnpacs: OHIF configured for this server's DICOMweb (same origin). */
+(function () {
+  // Token mode: the JWT comes as ?token= or #token=, leaves the address bar and stays for this tab only.
+  var KEY = 'vnpacs.token';
+  var url = new URL(window.location.href);
+  var fragment = new URLSearchParams(url.hash.replace(/^#/, ''));
+  var token = url.searchParams.get('token') || fragment.get('token');
+  if (token) {
+    try { window.sessionStorage.setItem(KEY, token); } catch (e) {}
+    url.searchParams.delete('token');
+    fragment.delete('token');
+    url.hash = fragment.toString();
+    window.history.replaceState(window.history.state, '', url.toString());
+  } else {
+    try { token = window.sessionStorage.getItem(KEY); } catch (e) {}
+  }
+  window.vnpacsAuthExtension = {
+    id: 'vnpacs-token',
+    preRegistration: function (context) {
+      if (!token) {
+        return;
+      }
+      context.servicesManager.services.userAuthenticationService.setServiceImplementation({
+        getAuthorizationHeader: function () {
+          return { Authorization: 'Bearer ' + token };
+        },
+      });
+    },
+  };
+  window.vnpacsHttpError = function (error) {
+    if (!error || error.status !== 401 || document.getElementById('vnpacs-unauthorized')) {
+      return;
+    }
+    var notice = document.createElement('div');
+    notice.id = 'vnpacs-unauthorized';
+    notice.setAttribute('role', 'alert');
+    notice.style.cssText = 'position:fixed;top:0;left:0;right:0;z-index:100000;padding:12px;text-align:center;' +
+      'background:#7f1d1d;color:#fff;font:15px sans-serif';
+    notice.textContent = token
+      ? 'Mã truy cập (token) đã hết hạn hoặc không hợp lệ (HTTP 401). Hãy mở lại trình xem với token mới.'
+      : 'Máy chủ yêu cầu mã truy cập (HTTP 401): mở trình xem với /viewer/?token=… hoặc /viewer/#token=…';
+    document.body.appendChild(notice);
+  };
+})();
 window.config = {
   name: 'vnpacs',
   routerBasename: '/viewer',
   showStudyList: true,
-  extensions: [],
+  extensions: [window.vnpacsAuthExtension],
+  httpErrorHandler: window.vnpacsHttpError,
   modes: [],
   investigationalUseDialog: { option: 'never' },
   showWarningMessageForCrossOrigin: false,

@@ -15,11 +15,20 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from storage import pixels
 
 
 class ImagingError(ValueError):
     """The pixel data cannot be decoded or rendered (no pixels, unsupported codec, bad parameters)."""
+
+
+class NoPixelData(ImagingError):
+    """The object is not an image (a report, a document, a presentation state...)."""
+
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 @dataclass(frozen=True)
@@ -30,9 +39,23 @@ class RenderOptions:
     viewport: tuple[int, int] | None = None  # fit inside, keeping the aspect ratio
 
 
+def image_header(path: Path) -> Dataset:
+    """The header up to the pixel data; NoPixelData if no pixel data follows it."""
+    with open(path, "rb") as fp:
+        header = dcmread(fp, stop_before_pixels=True)
+        if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            found = any(k in dcmread(path, defer_size="1 KB") for k in PIXEL_KEYWORDS)  # fp is inflated elsewhere
+        else:
+            implicit, little = header.original_encoding
+            found = pixels.element_header(fp, bool(implicit), bool(little)) is not None
+    if not found:
+        raise NoPixelData("the object has no pixel data")
+    return header
+
+
 def decoded_frame(path: Path, number: int) -> tuple[np.ndarray, Dataset]:
     """Frame `number` (1-based) decoded to a native array, with the header it was decoded under."""
-    header = dcmread(path, stop_before_pixels=True)
+    header = image_header(path)
     frames = int(header.get("NumberOfFrames", 1) or 1)
     if not 1 <= number <= frames:
         raise IndexError(f"frame {number} out of 1..{frames}")

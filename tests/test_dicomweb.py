@@ -336,6 +336,56 @@ def test_thumbnails_and_jpeg(embedded: VnpacsService, loaded: dict[str, Path]) -
     )
 
 
+def test_rendered_series_is_one_image_per_instance_in_instance_number_order(
+    embedded: VnpacsService, tmp_path: Path
+) -> None:
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    numbers = [3, 1, 4, 2, 5]
+    random.Random(3).shuffle(numbers)  # stored in another order than their instance numbers
+    files = {n: write_ct(tmp_path, who=patient("Lý^Thị Hoa", "REND-S"), study="rendered-series", index=n)
+             for n in numbers}  # fmt: skip
+    assert all(s.Status == 0 for s in store_files(embedded.dicom_port, files.values()).values())
+    ds = dcmread(files[1], stop_before_pixels=True)
+    url = f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/rendered"
+
+    def windowed(n: int) -> np.ndarray:
+        source = dcmread(files[n])
+        hu = source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept)
+        return np.clip((hu - (40 - 200)) / 400, 0, 1) * 255
+
+    png = httpx.get(url, params={"window": "40,400"}, headers={"Accept": 'multipart/related; type="image/png"'})
+    assert png.status_code == 200, png.text
+    assert png.headers["content-type"].startswith('multipart/related; type="image/png"')
+    parts = [np.asarray(Image.open(io.BytesIO(body)), dtype=np.float64) for body in _parts(png)]
+    assert len(parts) == 5
+    for n, got in zip(sorted(numbers), parts, strict=True):
+        assert got.shape == (64, 64)
+        distance = {m: float(np.abs(got - np.floor(windowed(m))).mean()) for m in numbers}
+        assert distance[n] < 0.05 and min(distance, key=distance.__getitem__) == n, (n, distance)  # it, no other
+    locations = [line.split(b": ", 1)[1].strip().decode() for line in png.content.splitlines()
+                 if line.startswith(b"Content-Location")]  # fmt: skip
+    assert [loc.split("/instances/")[1] for loc in locations] == [
+        f"{dcmread(files[n], stop_before_pixels=True).SOPInstanceUID}/rendered" for n in sorted(numbers)
+    ]
+
+    jpeg = httpx.get(url, params={"viewport": "32,32"})  # JPEG unless asked otherwise; parameters apply to every part
+    assert jpeg.status_code == 200 and 'type="image/jpeg"' in jpeg.headers["content-type"]
+    images = [Image.open(io.BytesIO(body)) for body in _parts(jpeg)]
+    assert [image.format for image in images] == ["JPEG"] * 5 and all(image.size == (32, 32) for image in images)
+    means = [float(np.asarray(image, dtype=np.float64).mean()) for image in images]
+    for n, mean in zip(sorted(numbers), means, strict=True):  # the file's own window, as an instance render uses
+        single = httpx.get(_instance_url(embedded, files[n]) + "/rendered", params={"viewport": "32,32"})
+        assert abs(mean - np.asarray(Image.open(io.BytesIO(single.content)), dtype=np.float64).mean()) < 1.0
+    assert httpx.get(url, headers={"Accept": 'multipart/related; type="image/gif"'}).status_code == 406
+    missing = f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/1.2.3.4/rendered"
+    assert httpx.get(missing).status_code == 404
+
+
 def test_compressed_objects_are_transcoded_when_the_client_cannot_decode(
     embedded: VnpacsService, loaded: dict[str, Path], tmp_path: Path
 ) -> None:

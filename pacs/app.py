@@ -25,8 +25,10 @@ from storage import db
 from storage.blobstore import BlobStore, FileBlobStore, open_blob_store
 from storage.ingest import Archive, Journal, StorageUnavailable
 from storage.models import RemoteAE
+from worklist import api_reconcile
 from worklist import db as worklist_db
 from worklist.orders import Orders
+from worklist.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,9 @@ def ris_services(runtime: Runtime) -> list[DimseService]:
 
 def build_background(runtime: Runtime) -> list[Background]:
     """What `serve` runs beside DIMSE and HTTP, in start order (stopped in reverse)."""
-    return []
+    reconciler = Reconciler(runtime.orders)
+    runtime.archive.listeners.append(reconciler.notice)
+    return [reconciler]
 
 
 def build_dimse(runtime: Runtime) -> DimseServer:
@@ -161,6 +165,11 @@ def build_http(runtime: Runtime) -> FastAPI:
     app.include_router(
         dicomweb.router(
             runtime.archive, runtime.settings.ae_title, receive_tmp_dir(runtime), dependencies=[Depends(authenticate)]
+        )
+    )
+    app.include_router(
+        api_reconcile.router(
+            runtime.orders, runtime.archive, receive_tmp_dir(runtime), dependencies=[Depends(authenticate)]
         )
     )
     app.include_router(viewer_api.router(runtime.settings.viewer_dir or viewer_api.DIST))

@@ -38,6 +38,7 @@ def authenticator(settings: Settings) -> Callable[[Request], User]:
     if settings.auth == "none":
 
         def open_access(request: Request) -> User:
+            request.state.user = ANONYMOUS
             return ANONYMOUS
 
         return open_access
@@ -74,6 +75,8 @@ def authenticator(settings: Settings) -> Callable[[Request], User]:
             raise _unauthorized("token expired") from exc
         except (jwt.InvalidTokenError, jwt.PyJWKClientError) as exc:
             raise _unauthorized(f"invalid token: {exc}") from exc
-        return User(str(claims.get("sub", "")), claims)
+        user = User(str(claims.get("sub", "")), claims)
+        request.state.user = user  # routers of other packages read who is asking from here
+        return user
 
     return verify

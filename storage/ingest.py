@@ -330,6 +330,7 @@ class _IndexJob:
     row: dict[str, Any]
     study_uid: str
     series_uid: str
+    replace: bool = False
     outcome: Outcome | None = None
     error: BaseException | None = None
 
@@ -438,10 +439,13 @@ class Archive:
         expected_sop_class_uid: str | None = None,
         expected_sop_instance_uid: str | None = None,
         known_digest: tuple[str, int] | None = None,
+        replace_existing: bool = False,
     ) -> IngestResult:
         """Store one Part 10 file. Returns only once bytes and index row are durable; raises IngestError.
 
         `known_digest` is the (SHA-256, size) computed while the object was received, if it was.
+        `replace_existing` serves this object instead of a different one stored under its SOP Instance UID, whatever
+        the duplicate policy (attribute corrections); the earlier copy is kept aside, as always.
         """
         header = read_header(path, known_digest)
         ds = header.ds
@@ -468,14 +472,27 @@ class Archive:
         # On failure the journal entry stays open: the blob may be an orphan, which the next start removes unless
         # a later, successful store of the same object references it.
         outcome = self._store(
-            ds, header, path, key, adopt, calling_ae, source, sop_class, sop_instance, study_uid, series_uid
+            ds,
+            header,
+            path,
+            key,
+            adopt,
+            calling_ae,
+            source,
+            sop_class,
+            sop_instance,
+            study_uid,
+            series_uid,
+            replace_existing,
         )
         if self.journal is not None:
             self.journal.end(key)
         message = {
             "stored": "",
             "duplicate": "identical object already stored",
-            "conflict": f"different object under this SOP Instance UID kept (policy {self.duplicate_policy})",
+            "conflict": "earlier object under this SOP Instance UID kept aside (replaced)"
+            if replace_existing
+            else f"different object under this SOP Instance UID kept (policy {self.duplicate_policy})",
         }[outcome]
         if outcome == "conflict":
             log.warning("SOP Instance %s received again with different bytes: %s", sop_instance, message)
@@ -512,13 +529,14 @@ class Archive:
         sop_instance: str,
         study_uid: str,
         series_uid: str,
+        replace: bool = False,
     ) -> Outcome:
         try:
             self.blobs.put_file(key, path, header.size, adopt=adopt)
         except BlobStoreError as exc:
             raise StorageUnavailable(f"blob store: {exc}") from exc
         row = self._instance_row(ds, header, key, calling_ae, source, sop_class, sop_instance)
-        return self._committer.submit(_IndexJob(ds, row, study_uid, series_uid))
+        return self._committer.submit(_IndexJob(ds, row, study_uid, series_uid, replace))
 
     def _index_batch(self, jobs: list[_IndexJob]) -> None:
         """Index a batch of objects in one transaction; on an integrity error, one by one after a cache reset."""
@@ -597,7 +615,7 @@ class Archive:
                     )
                 row = {**job.row, "series_pk": series_pk}
                 inserted = conn.execute(self._insert_instance, row).rowcount
-                outcomes.append("stored" if inserted else self._duplicate(conn, row))
+                outcomes.append("stored" if inserted else self._duplicate(conn, row, job.replace))
         # Only now, after the commit: a rolled-back row must never be cached.
         with self._cache_lock:
             if max(len(caches.patients), len(caches.studies), len(caches.series)) > 200_000:
@@ -618,17 +636,7 @@ class Archive:
         return int(conn.execute(select(model.pk).where(column == uid)).scalar_one())
 
     def _upsert_patient(self, conn: Connection, ds: Dataset, patient_key: tuple[str, str]) -> int:
-        name = _str(ds, "PatientName", 324)
-        values = {
-            "patient_id": patient_key[0],
-            "issuer_of_patient_id": patient_key[1],
-            "patient_name": name,
-            "patient_name_key": search_key(name),
-            "patient_birth_date": _str(ds, "PatientBirthDate", 8),
-            "patient_birth_time": _time(ds, "PatientBirthTime"),
-            "patient_sex": _str(ds, "PatientSex", 16),
-            "other_patient_ids": "\\".join(i[0] for i in _other_ids(ds)),
-        }
+        values = _patient_values(ds, patient_key)
         stmt = (
             self._insert(Patient)
             .values(values)
@@ -653,7 +661,7 @@ class Archive:
             )
         return pk
 
-    def _duplicate(self, conn: Connection, row: dict[str, Any]) -> Outcome:
+    def _duplicate(self, conn: Connection, row: dict[str, Any], replace: bool = False) -> Outcome:
         existing = conn.execute(
             select(Instance.pk, *[getattr(Instance, f) for f in _CONFLICT_FIELDS]).where(
                 Instance.sop_instance_uid == row["sop_instance_uid"]
@@ -662,7 +670,7 @@ class Archive:
         if existing.sha256 == row["sha256"]:
             return "duplicate"
         kept_aside: Mapping[str, Any]
-        if self.duplicate_policy == "replace":
+        if replace or self.duplicate_policy == "replace":
             # The newcomer is served; the earlier copy is kept aside.
             kept_aside, resolution = dict(existing._mapping), "replaced"
             conn.execute(update(Instance).where(Instance.pk == existing.pk).values(**row))
@@ -672,6 +680,32 @@ class Archive:
             insert(InstanceConflict).values(**{f: kept_aside[f] for f in _CONFLICT_FIELDS}, resolution=resolution)
         )
         return "conflict"
+
+    def reindex_study(self, study_uid: str, ds: Dataset) -> None:
+        """Bring a study's index rows (study, and its patient) in line with `ds`, the header of one of its objects
+        after an attribute correction; a patient left with no study is removed."""
+        patient_key = (_str(ds, "PatientID"), _str(ds, "IssuerOfPatientID"))
+        with self._write_lock, self.engine.begin() as conn:
+            old_patient = conn.execute(
+                select(Study.patient_pk).where(Study.study_instance_uid == study_uid)
+            ).scalar_one_or_none()
+            if old_patient is None:
+                raise IngestError(f"no study {study_uid}")
+            patient_pk = self._upsert_patient(conn, ds, patient_key)
+            conn.execute(update(Patient).where(Patient.pk == patient_pk).values(**_patient_values(ds, patient_key)))
+            values = {k: v for k, v in _study_values(ds, patient_pk).items() if k != "created_at"}
+            conn.execute(update(Study).where(Study.study_instance_uid == study_uid).values(**values))
+            if old_patient != patient_pk:
+                conn.execute(
+                    delete(PatientIdentifier).where(
+                        PatientIdentifier.patient_pk == old_patient,
+                        ~exists().where(Study.patient_pk == old_patient),
+                    )
+                )
+                conn.execute(
+                    delete(Patient).where(Patient.pk == old_patient, ~exists().where(Study.patient_pk == old_patient))
+                )
+        self.invalidate()
 
     # ---- deletion -------------------------------------------------------------------------------------------
 
@@ -796,6 +830,20 @@ def _other_ids(ds: Dataset) -> list[tuple[str, str, str]]:
     except Exception:
         return ids
     return ids
+
+
+def _patient_values(ds: Dataset, patient_key: tuple[str, str]) -> dict[str, Any]:
+    name = _str(ds, "PatientName", 324)
+    return {
+        "patient_id": patient_key[0],
+        "issuer_of_patient_id": patient_key[1],
+        "patient_name": name,
+        "patient_name_key": search_key(name),
+        "patient_birth_date": _str(ds, "PatientBirthDate", 8),
+        "patient_birth_time": _time(ds, "PatientBirthTime"),
+        "patient_sex": _str(ds, "PatientSex", 16),
+        "other_patient_ids": "\\".join(i[0] for i in _other_ids(ds)),
+    }
 
 
 def _study_values(ds: Dataset, patient_pk: int) -> dict[str, Any]:

@@ -386,6 +386,32 @@ class Orders:
                 self._record(order, status, source, detail)
         return self.get(order_pk)
 
+    def link_study(self, order_pk: int, study_uid: str, *, source: str) -> Order:
+        """Record that the order was performed as `study_uid` (the modality may have made its own UID), and that
+        its images are available."""
+        with self.session() as session, session.begin():
+            order = self._load(session, Order.pk == order_pk)
+            if order is None:
+                raise OrderNotFound(f"no order {order_pk}")
+            if order.status in ENDED:
+                raise OrderConflict(f"order {order.accession_number} is {order.status}")
+            if order.study_instance_uid != study_uid:
+                other = self._load(session, Order.study_instance_uid == study_uid)
+                if other is not None:
+                    raise OrderConflict(f"study {study_uid} is already linked to order {other.accession_number}")
+                order.events.append(
+                    OrderEvent(
+                        source=source,
+                        from_status=order.status,
+                        to_status=order.status,
+                        detail=f"study {study_uid} linked (worklist gave {order.study_instance_uid})",
+                    )
+                )
+                order.study_instance_uid = study_uid
+            if _PROGRESS.get(order.status, 99) < _PROGRESS[IMAGES_AVAILABLE]:
+                self._record(order, IMAGES_AVAILABLE, source, f"images of study {study_uid} stored")
+        return self.get(order_pk)
+
     @staticmethod
     def _record(order: Order, status: str, source: str, detail: str) -> None:
         order.events.append(OrderEvent(source=source, from_status=order.status, to_status=status, detail=detail))

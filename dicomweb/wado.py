@@ -1,13 +1,16 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
 
-Objects go out as stored, byte for byte, streamed from the blob store; frames are cut from the stored pixel data
-without decoding it. Transcoding is not there yet: a request for another transfer syntax gets 406 with the reason.
-Metadata comes from a cache keyed by each object's SHA-256 and carries an ETag.
+Objects go out as stored, byte for byte, streamed from the blob store (`transfer-syntax=*`, or the stored syntax);
+frames are cut from the stored pixel data without decoding it. Another transfer syntax is produced by transcoding
+(dicomweb.imaging: the uncompressed little-endian ones, and lossless re-encoding into RLE and JPEG 2000, JPEG-LS
+when its encoder is installed); anything else gets 406 with the reason. Metadata comes from a cache keyed by each
+object's SHA-256 and carries an ETag.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ from storage import metadata, pixels
 from storage.blobstore import BlobStoreError
 from storage.ingest import Archive
 from storage.query import Level, StoredObject
+
+log = logging.getLogger(__name__)
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
@@ -68,15 +73,47 @@ def _wanted_syntax(accept: list[MediaRange]) -> str | None:
     return None
 
 
-def _frame_syntax(accept: list[MediaRange]) -> str | None:
-    """Transfer syntax wanted for frames ('*' for as stored), None if octet-stream parts are not acceptable."""
+OCTET_STREAM = "application/octet-stream"
+# Compressed frames' media types (PS3.18 8.7.3.5.2) with the transfer syntax each means when none is named.
+FRAME_MEDIA = {
+    "image/jpeg": "1.2.840.10008.1.2.4.50",
+    "image/dicom-rle": "1.2.840.10008.1.2.5",
+    "image/x-dicom-rle": "1.2.840.10008.1.2.5",
+    "image/jls": "1.2.840.10008.1.2.4.80",
+    "image/jp2": "1.2.840.10008.1.2.4.90",
+    "image/jpx": "1.2.840.10008.1.2.4.92",
+    "image/jphc": "1.2.840.10008.1.2.4.201",
+}
+_JPEG = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")
+_HTJ2K = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+SYNTAX_MEDIA = {
+    **dict.fromkeys(_JPEG, "image/jpeg"),
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx",
+    "1.2.840.10008.1.2.4.93": "image/jpx",
+    **dict.fromkeys(_HTJ2K, "image/jphc"),
+}
+NATIVE_LE = (EXPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2")
+
+
+def _frame_syntax(accept: list[MediaRange]) -> tuple[str, str] | None:
+    """(part media type, transfer syntax) wanted for frames ('*' for as stored), None if nothing we answer fits.
+
+    Frames come as application/octet-stream (native, or compressed as a `transfer-syntax` parameter says) or as
+    the compressed media types (image/jp2, image/dicom-rle...).
+    """
     for media in accept:
-        if media.media_type in ("*/*", "multipart/*", "application/octet-stream"):
-            return media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
-        if media.media_type == "multipart/related":
-            part_type = media.params.get("type", "application/octet-stream").lower()
-            if part_type in ("application/octet-stream", "*/*", "application/*"):
-                return media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+        kind = media.media_type
+        if kind == "multipart/related":
+            kind = media.params.get("type", OCTET_STREAM).lower()
+        if kind in ("*/*", "multipart/*", "application/*", OCTET_STREAM):
+            return OCTET_STREAM, media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+        if kind in FRAME_MEDIA:
+            return kind, media.params.get("transfer-syntax", FRAME_MEDIA[kind])
     return None
 
 
@@ -91,23 +128,23 @@ def router(archive: Archive) -> APIRouter:
         if wanted is None:
             raise HTTPException(406, 'retrieve answers multipart/related; type="application/dicom"')
         objects = find_objects(level, filters)
-        transcode = {o.sop_instance_uid for o in objects if wanted not in ("*", o.transfer_syntax_uid)}
-        if transcode and wanted != EXPLICIT_VR_LITTLE_ENDIAN:
-            raise HTTPException(
-                406, f"objects can be sent as stored (transfer-syntax=*) or in {EXPLICIT_VR_LITTLE_ENDIAN}"
-            )
-        boundary = uuid.uuid4().hex
-        media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        transcode = [o for o in objects if wanted not in ("*", o.transfer_syntax_uid)]
+        ready: dict[str, bytes] = {}
         if transcode:
-            # Decode up front, so a failure is a 406 and not a stream broken halfway.
+            problem = imaging.transcoding_problem(wanted)
+            if problem:
+                offer = ", ".join(imaging.transcodable_syntaxes())
+                raise HTTPException(406, f"{problem}; objects can be sent as stored (transfer-syntax=*) or in {offer}")
+            # The first one up front, so a failure is a 406 and not a stream broken halfway; the rest as they go.
             try:
-                bodies = {
-                    o.sop_instance_uid: _transcoded(archive, o) for o in objects if o.sop_instance_uid in transcode
-                }
+                ready[transcode[0].sop_instance_uid] = _transcoded(archive, transcode[0], wanted)
             except imaging.ImagingError as exc:
                 raise HTTPException(406, f"{exc}; ask for transfer-syntax=* to get the objects as stored") from exc
-            return StreamingResponse(_multipart(archive, objects, boundary, bodies), media_type=media)
-        return StreamingResponse(_multipart(archive, objects, boundary), media_type=media)
+            except BlobStoreError as exc:
+                raise HTTPException(503, f"storage unavailable: {exc}") from exc
+        boundary = uuid.uuid4().hex
+        media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        return StreamingResponse(_multipart(archive, objects, boundary, wanted, ready), media_type=media)
 
     def metadata_of(request: Request, level: Level, filters: dict[str, str]) -> Response:
         objects = find_objects(level, filters)
@@ -140,21 +177,41 @@ def router(archive: Archive) -> APIRouter:
         filters = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
         [obj] = find_objects("IMAGE", filters)
         accept = parse_accept(request.headers.get("accept"))
-        wanted = _frame_syntax(accept)
-        if wanted is None:
-            raise HTTPException(406, 'frames are answered as multipart/related; type="application/octet-stream"')
+        asked = _frame_syntax(accept)
+        if asked is None:
+            raise HTTPException(406, 'frames are answered as multipart/related; type="application/octet-stream" '
+                                     "or a compressed image type (image/jp2, image/dicom-rle...)")  # fmt: skip
+        media, wanted = asked
+        stored = obj.transfer_syntax_uid
+        if wanted not in ("*", stored, *NATIVE_LE):
+            problem = imaging.transcoding_problem(wanted)
+            if problem:
+                offer = ", ".join(u for u in imaging.transcodable_syntaxes() if u not in imaging.NATIVE[1:])
+                raise HTTPException(406, f"{problem}; frames can be sent as stored (transfer-syntax=*) or in {offer}")
+        if (
+            media != OCTET_STREAM
+            and wanted not in ("*", stored)
+            and SYNTAX_MEDIA.get(wanted) != SYNTAX_MEDIA[FRAME_MEDIA[media]]
+        ):
+            raise HTTPException(406, f"{media} frames cannot be in transfer syntax {wanted}")
         try:
             with archive.blobs.local_file(obj.blob_key) as path:
                 info = pixels.layout(path)
                 wanted_numbers = list(numbers or range(1, info.number_of_frames + 1))
-                decode = wanted != "*" and (info.encapsulated or obj.transfer_syntax_uid == "1.2.840.10008.1.2.2")
-                if decode and wanted != EXPLICIT_VR_LITTLE_ENDIAN:
-                    raise HTTPException(406, f"frames can be sent as stored or in {EXPLICIT_VR_LITTLE_ENDIAN}")
-                if decode:
-                    frames = [imaging.native_frame_bytes(path, n) for n in wanted_numbers]
-                else:
+                native_here = not info.encapsulated and info.little_endian
+                if wanted in ("*", stored) or (wanted in NATIVE_LE and native_here):
+                    syntax = stored if wanted in ("*", stored) else EXPLICIT_VR_LITTLE_ENDIAN
                     with open(path, "rb") as fp:
                         frames = [pixels.read_frame(fp, info, n) for n in wanted_numbers]
+                elif wanted in NATIVE_LE:
+                    syntax = EXPLICIT_VR_LITTLE_ENDIAN
+                    frames = [imaging.native_frame_bytes(path, n) for n in wanted_numbers]
+                else:
+                    syntax = wanted
+                    for n in wanted_numbers:
+                        if not 1 <= n <= info.number_of_frames:
+                            raise IndexError(f"frame {n} out of 1..{info.number_of_frames}")
+                    frames = imaging.encoded_frames(path, wanted_numbers, wanted)
         except IndexError as exc:
             raise HTTPException(404, str(exc)) from exc
         except imaging.ImagingError as exc:
@@ -163,8 +220,8 @@ def router(archive: Archive) -> APIRouter:
             raise HTTPException(404, str(exc)) from exc
         except BlobStoreError as exc:
             raise HTTPException(503, f"storage unavailable: {exc}") from exc
-        syntax = EXPLICIT_VR_LITTLE_ENDIAN if decode else obj.transfer_syntax_uid
-        return _octet_parts(frames, f"application/octet-stream; transfer-syntax={syntax}")
+        part_media = SYNTAX_MEDIA.get(syntax, OCTET_STREAM) if media != OCTET_STREAM else OCTET_STREAM
+        return _octet_parts(frames, f"{part_media}; transfer-syntax={syntax}", part_media)
 
     @api.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frame_list}", summary="Frames")
     def frames(request: Request, study: str, series: str, instance: str, frame_list: str) -> Response:
@@ -215,28 +272,35 @@ def router(archive: Archive) -> APIRouter:
     return api
 
 
-def _octet_parts(parts: list[bytes], part_type: str) -> Response:
-    """A multipart/related response of octet-stream parts (frames, bulk data), each with its length."""
+def _octet_parts(parts: list[bytes], part_type: str, root_type: str = OCTET_STREAM) -> Response:
+    """A multipart/related response of binary parts (frames, bulk data), each with its length."""
     boundary = uuid.uuid4().hex
     body = b"".join(
         f"--{boundary}\r\nContent-Type: {part_type}\r\nContent-Length: {len(p)}\r\n\r\n".encode() + p + b"\r\n"
         for p in parts
     )
     body += f"--{boundary}--\r\n".encode()
-    return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
+    return Response(body, media_type=f'multipart/related; type="{root_type}"; boundary={boundary}')
 
 
-def _transcoded(archive: Archive, obj: StoredObject) -> bytes:
+def _transcoded(archive: Archive, obj: StoredObject, syntax: str) -> bytes:
     with archive.blobs.local_file(obj.blob_key) as path:
-        return imaging.transcoded_to_explicit_le(path)
+        return imaging.transcoded(path, syntax)
 
 
 def _multipart(
-    archive: Archive, objects: list[StoredObject], boundary: str, bodies: dict[str, bytes] | None = None
+    archive: Archive, objects: list[StoredObject], boundary: str, wanted: str, ready: dict[str, bytes]
 ) -> Iterator[bytes]:
     for obj in objects:
-        body = (bodies or {}).get(obj.sop_instance_uid)
-        syntax = EXPLICIT_VR_LITTLE_ENDIAN if body is not None else obj.transfer_syntax_uid
+        body = None
+        if wanted not in ("*", obj.transfer_syntax_uid):
+            try:
+                body = ready.pop(obj.sop_instance_uid, None) or _transcoded(archive, obj, wanted)
+            except (imaging.ImagingError, BlobStoreError) as exc:
+                # Headers are gone already: end the stream short, so the client sees a broken multipart body.
+                log.error("retrieve in %s stopped at %s: %s", wanted, obj.sop_instance_uid, exc)
+                return
+        syntax = wanted if body is not None else obj.transfer_syntax_uid
         size = len(body) if body is not None else obj.size
         yield (
             f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={syntax}\r\n"

@@ -399,11 +399,161 @@ def test_compressed_objects_are_transcoded_when_the_client_cannot_decode(
     out.write_bytes(_parts(response)[0])
     transcoded = dcmread(out)
     assert transcoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert transcoded.SOPInstanceUID == original.SOPInstanceUID  # a lossless conversion keeps the instance's identity
     assert np.array_equal(transcoded.pixel_array, original.pixel_array)
 
     frame = httpx.get(url + "/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
     assert frame.status_code == 200
     assert _parts(frame)[0] == original.pixel_array.astype(original.pixel_array.dtype.newbyteorder("<")).tobytes()
+
+
+# ---- transcoding to other transfer syntaxes -------------------------------------------------------------------------
+
+LOSSLESS_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000, reversible
+]
+
+
+@pytest.fixture(scope="module")
+def sources(embedded: VnpacsService, loaded: dict[str, Path]) -> dict[str, Path]:
+    """Stored objects of every kind a transcoder meets: native signed CT, big endian, JPEG 2000, colour JPEG
+    baseline (YBR), multi-frame RLE."""
+    corpus = {}
+    for c in storage_corpus():
+        corpus.setdefault(c.path.name, c.path)
+    picked = {"ct": loaded["ct1"], "j2k": loaded["jpeg"], "big-endian": corpus["MR_small_bigendian.dcm"],
+              "ybr-jpeg": corpus["SC_rgb_jpeg_dcmtk.dcm"], "multiframe-rle": corpus["emri_small_RLE.dcm"]}  # fmt: skip
+    assert all(s.Status == 0 for s in store_files(embedded.dicom_port, picked.values()).values())
+    return picked
+
+
+def _dicom_accept(syntax: str) -> dict[str, str]:
+    return {"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={syntax}'}
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS_SYNTAXES)
+def test_retrieve_transcodes_to_each_lossless_syntax_and_the_pixels_survive(
+    embedded: VnpacsService, sources: dict[str, Path], syntax: str, tmp_path: Path
+) -> None:
+    import subprocess
+
+    import numpy as np
+    from pydicom.uid import UID
+
+    for name, path in sources.items():
+        original = dcmread(path)
+        response = httpx.get(_instance_url(embedded, path), headers=_dicom_accept(syntax), timeout=60)
+        assert response.status_code == 200, (name, response.text)
+        assert f"application/dicom; transfer-syntax={syntax}".encode() in response.content[:200], name
+        out = tmp_path / f"{name}.dcm"
+        out.write_bytes(_parts(response)[0])
+        got = dcmread(out)
+        assert got.file_meta.TransferSyntaxUID == syntax, name
+        assert got.SOPInstanceUID == original.SOPInstanceUID and got.PatientName == original.PatientName, name
+        assert np.array_equal(got.pixel_array, original.pixel_array), name  # decodes back to the same pixels
+        if UID(syntax).is_compressed:
+            assert got["PixelData"].is_undefined_length, name  # really encapsulated, not relabelled
+        # DCMTK, an independent parser, reads the whole file (deflated ones included)...
+        dump = subprocess.run(["dcmdump", "-q", "+E", str(out)], capture_output=True, text=True, timeout=60)
+        assert dump.returncode == 0 and "E:" not in dump.stderr, (name, dump.stderr)
+        if syntax == "1.2.840.10008.1.2.5":  # ...and decodes RLE with its own codec to the same pixels
+            native = tmp_path / f"{name}-dcmdrle.dcm"
+            subprocess.run(["dcmdrle", str(out), str(native)], check=True, capture_output=True, timeout=60)
+            assert np.array_equal(dcmread(native).pixel_array, original.pixel_array), name
+
+
+def test_whole_study_in_rle_with_dicomweb_client(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
+    import numpy as np
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(f"{embedded.base_url}/dicom-web")
+    study = str(dcmread(loaded["ct1"]).StudyInstanceUID)
+    got = client.retrieve_study(study, media_types=(("application/dicom", "1.2.840.10008.1.2.5"),))
+    originals = {str(ds.SOPInstanceUID): ds for ds in (dcmread(loaded[k]) for k in ("ct1", "ct2", "mr"))}
+    assert sorted(str(ds.SOPInstanceUID) for ds in got) == sorted(originals)
+    for ds in got:
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+        assert np.array_equal(ds.pixel_array, originals[str(ds.SOPInstanceUID)].pixel_array)
+
+
+def test_transfer_syntaxes_without_an_encoder_are_a_406_with_the_reason(
+    embedded: VnpacsService, sources: dict[str, Path]
+) -> None:
+    from pydicom.pixels import get_encoder
+    from pydicom.uid import JPEGLSLossless
+
+    url = _instance_url(embedded, sources["ct"])
+    lossy = httpx.get(url, headers=_dicom_accept("1.2.840.10008.1.2.4.50"))
+    assert lossy.status_code == 406
+    assert "no encoder into JPEG Baseline" in lossy.json()["detail"] and "1.2.840.10008.1.2.5" in lossy.json()["detail"]
+    unknown = httpx.get(url, headers=_dicom_accept("1.2.3.4"))
+    assert unknown.status_code == 406 and "not a transfer syntax" in unknown.json()["detail"]
+    jpeg_ls = httpx.get(url, headers=_dicom_accept(JPEGLSLossless))
+    if get_encoder(JPEGLSLossless).is_available:
+        assert jpeg_ls.status_code == 200
+    else:
+        assert jpeg_ls.status_code == 406 and "pyjpegls" in jpeg_ls.json()["detail"]
+
+
+def _decoded(header_of: Path, frames: list[bytes], syntax: str) -> list[object]:
+    """Compressed frames decoded by pydicom, under the stored object's own image attributes."""
+    from pydicom.encaps import encapsulate
+
+    ds = dcmread(header_of, stop_before_pixels=True)
+    ds.NumberOfFrames = len(frames)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    array = ds.pixel_array
+    return list(array) if len(frames) > 1 else [array]
+
+
+def test_frames_are_re_encoded_in_a_requested_compressed_syntax(
+    embedded: VnpacsService, sources: dict[str, Path]
+) -> None:
+    import numpy as np
+    from pydicom.encaps import generate_frames
+
+    multi = dcmread(sources["multiframe-rle"])
+    url = _instance_url(embedded, sources["multiframe-rle"])
+    jp2 = httpx.get(f"{url}/frames/2,5", headers={"Accept": 'multipart/related; type="image/jp2"'})
+    assert jp2.status_code == 200, jp2.text
+    assert jp2.headers["content-type"].startswith('multipart/related; type="image/jp2"')
+    assert b"Content-Type: image/jp2; transfer-syntax=1.2.840.10008.1.2.4.90" in jp2.content[:200]
+    parts = _parts(jp2)
+    assert all(p[:4] == b"\xff\x4f\xff\x51" for p in parts)  # JPEG 2000 codestreams
+    decoded = _decoded(sources["multiframe-rle"], parts, "1.2.840.10008.1.2.4.90")
+    assert all(np.array_equal(d, multi.pixel_array[i]) for d, i in zip(decoded, (1, 4), strict=True))
+
+    # Asking for the stored syntax sends the stored frames, not a re-encoding.
+    rle = httpx.get(f"{url}/frames/3", headers={"Accept": 'multipart/related; type="image/dicom-rle"'})
+    assert rle.status_code == 200 and b"Content-Type: image/dicom-rle" in rle.content[:200]
+    stored = list(generate_frames(multi.PixelData, number_of_frames=int(multi.NumberOfFrames)))
+    assert _parts(rle) == [stored[2]]
+
+    ct = dcmread(sources["ct"])
+    ct_url = _instance_url(embedded, sources["ct"])
+    octet_rle = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.5'
+    as_rle = httpx.get(f"{ct_url}/frames/1", headers={"Accept": octet_rle})
+    assert as_rle.status_code == 200
+    assert b"application/octet-stream; transfer-syntax=1.2.840.10008.1.2.5" in as_rle.content[:200]
+    [frame] = _parts(as_rle)
+    assert frame != ct.PixelData
+    assert np.array_equal(_decoded(sources["ct"], [frame], "1.2.840.10008.1.2.5")[0], ct.pixel_array)
+
+    jp2_as_rle = 'multipart/related; type="image/jp2"; transfer-syntax=1.2.840.10008.1.2.5'
+    mismatch = httpx.get(f"{ct_url}/frames/1", headers={"Accept": jp2_as_rle})
+    assert mismatch.status_code == 406
+    ybr = httpx.get(f"{_instance_url(embedded, sources['ybr-jpeg'])}/frames/1",
+                    headers={"Accept": 'multipart/related; type="image/dicom-rle"'})  # fmt: skip
+    assert ybr.status_code == 406 and "colour space" in ybr.json()["detail"]
+    assert httpx.get(f"{ct_url}/frames/9", headers={"Accept": 'multipart/related; type="image/jp2"'}).status_code == 404
 
 
 # ---- WADO-URI, DELETE, CORS ------------------------------------------------------------------------------------------

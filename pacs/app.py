@@ -25,7 +25,8 @@ from storage import db
 from storage.blobstore import BlobStore, FileBlobStore, open_blob_store
 from storage.ingest import Archive, Journal, StorageUnavailable
 from storage.models import RemoteAE
-from worklist import api_reconcile
+from worklist import api as orders_api
+from worklist import api_reconcile, hl7
 from worklist import db as worklist_db
 from worklist.orders import Orders
 from worklist.reconcile import Reconciler
@@ -132,7 +133,12 @@ def build_background(runtime: Runtime) -> list[Background]:
     """What `serve` runs beside DIMSE and HTTP, in start order (stopped in reverse)."""
     reconciler = Reconciler(runtime.orders)
     runtime.archive.listeners.append(reconciler.notice)
-    return [reconciler]
+    tasks: list[Background] = [reconciler]
+    s = runtime.settings
+    if s.hl7_port:
+        intake = hl7.Hl7Intake(runtime.orders, runtime.engine, application=s.ae_title)
+        tasks.append(hl7.MllpListener(intake.handle, s.hl7_host, s.hl7_port))
+    return tasks
 
 
 def build_dimse(runtime: Runtime) -> DimseServer:
@@ -172,6 +178,7 @@ def build_http(runtime: Runtime) -> FastAPI:
             runtime.orders, runtime.archive, receive_tmp_dir(runtime), dependencies=[Depends(authenticate)]
         )
     )
+    app.include_router(orders_api.router(runtime.orders, dependencies=[Depends(authenticate)]))
     app.include_router(viewer_api.router(runtime.settings.viewer_dir or viewer_api.DIST))
     if runtime.settings.cors_origins:
         app.add_middleware(

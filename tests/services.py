@@ -633,6 +633,7 @@ class VnpacsService(Service):
     ae_title: str = "VNPACS"
     dicom_port: int = 0
     http_port: int = 0
+    hl7_port: int = 0  # HL7 v2 MLLP listener (0 = off)
 
     @property
     def base_url(self) -> str:
@@ -657,7 +658,7 @@ def start_vnpacs(
     developer's local config cannot leak into tests; `env_overrides` wins.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_ports(2)
+    dicom_port, http_port, hl7_port = free_ports(3)
     env = {k: v for k, v in _base_env().items() if not k.startswith("VNPACS_")}
     env.update(
         {
@@ -667,6 +668,8 @@ def start_vnpacs(
             "VNPACS_DICOM_PORT": str(dicom_port),
             "VNPACS_HTTP_HOST": LOOPBACK,
             "VNPACS_HTTP_PORT": str(http_port),
+            "VNPACS_HL7_HOST": LOOPBACK,
+            "VNPACS_HL7_PORT": str(hl7_port),
         }
     )
     env.update(env_overrides)
@@ -683,6 +686,7 @@ def start_vnpacs(
         ae_title=env["VNPACS_AE_TITLE"],
         dicom_port=int(env["VNPACS_DICOM_PORT"]),
         http_port=int(env["VNPACS_HTTP_PORT"]),
+        hl7_port=int(env["VNPACS_HL7_PORT"]),
     )
     svc.ready = lambda: http_status(svc.base_url + "/health") == 200
     return svc.start()

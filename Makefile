@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-DEBS_TEST := dcmtk chromium
+DEBS_TEST := dcmtk chromium fonts-dejavu-core poppler-utils
 DEBS_BENCH := dcmtk orthanc orthanc-dicomweb
 
 .PHONY: install install-test run test lint typecheck pytest services debs-test debs-bench bench clean viewer

@@ -26,10 +26,11 @@ from storage.blobstore import BlobStore, FileBlobStore, open_blob_store
 from storage.ingest import Archive, Journal, StorageUnavailable
 from storage.models import RemoteAE
 from worklist import api as orders_api
-from worklist import api_reconcile, hl7
+from worklist import api_reconcile, api_reports, hl7, signing
 from worklist import db as worklist_db
 from worklist.orders import Orders
 from worklist.reconcile import Reconciler
+from worklist.reports import Reports
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Runtime:
     blobs: BlobStore
     archive: Archive
     orders: Orders
+    reports: Reports
     background: list[Background] = field(default_factory=list)
 
     def close(self) -> None:
@@ -85,7 +87,29 @@ def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | No
         name = f"{settings.node_id}-{journal}" if journal == "serve" else f"{settings.node_id}-{journal}-{os.getpid()}"
         journal_file = Journal(settings.data_dir.resolve() / "journal" / f"{name}.log")
     archive = Archive(engine, blobs, duplicate_policy=settings.duplicate_policy, journal=journal_file)
-    return Runtime(settings=settings, engine=engine, blobs=blobs, archive=archive, orders=Orders(engine))
+    orders = Orders(engine)
+    reports = build_reports(settings, engine, orders)
+    return Runtime(settings=settings, engine=engine, blobs=blobs, archive=archive, orders=orders, reports=reports)
+
+
+def build_reports(settings: Settings, engine: Engine, orders: Orders) -> Reports:
+    """The report service: signing key from the settings (a development one in DATA_DIR/signing without it), QR
+    codes pointing at the viewer under VNPACS_PUBLIC_URL (default the HTTP listener)."""
+    base = (settings.public_url or f"http://{settings.http_host}:{settings.http_port}").rstrip("/")
+    config = signing.SigningConfig(
+        p12=settings.signing_p12,
+        password=settings.signing_p12_password,
+        trust_roots=settings.signing_trust_roots,
+        revocation=settings.signing_revocation,
+        development_dir=(settings.data_dir / "signing").resolve(),
+    )
+    return Reports(
+        engine,
+        orders,
+        signing_config=config,
+        viewer_url=lambda uid: f"{base}/viewer/viewer?StudyInstanceUIDs={uid}",
+        facility_name=settings.facility_name,
+    )
 
 
 def receive_tmp_dir(runtime: Runtime) -> Path:
@@ -179,12 +203,13 @@ def build_http(runtime: Runtime) -> FastAPI:
         )
     )
     app.include_router(orders_api.router(runtime.orders, dependencies=[Depends(authenticate)]))
+    app.include_router(api_reports.router(runtime.reports, dependencies=[Depends(authenticate)]))
     app.include_router(viewer_api.router(runtime.settings.viewer_dir or viewer_api.DIST))
     if runtime.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=runtime.settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
             allow_headers=["*"],
             expose_headers=["ETag", "Warning", "Content-Type", "Content-Length"],
         )

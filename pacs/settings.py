@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     )
     signing_p12: Path | None = Field(None, description="PKCS#12 file (certificate + key) reports are signed with")
     signing_p12_password: str = ""
+    signing_trust_roots: Path | None = Field(
+        None, description="PEM bundle of CA certificates report signatures must chain to; empty = chain not checked"
+    )
+    signing_revocation: Literal["off", "soft-fail", "hard-fail", "require"] = Field(
+        "off", description="Check report signers by OCSP/CRL (fetched) at signing and verification; off = not checked"
+    )
+    facility_name: str = Field("", description="Hospital name printed at the top of reports")
     public_url: str = Field("", description="Base URL the QR code on reports points to; default http://HTTP_HOST:PORT")
 
     @field_validator("allowed_aes", "cors_origins", "ascii_aes", "commitment_aes", mode="before")

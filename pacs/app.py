@@ -26,7 +26,7 @@ from storage.blobstore import BlobStore, FileBlobStore, open_blob_store
 from storage.ingest import Archive, Journal, StorageUnavailable
 from storage.models import RemoteAE
 from worklist import api as orders_api
-from worklist import api_reconcile, api_reports, hl7, signing
+from worklist import api_reconcile, api_reports, fhir, hl7, signing
 from worklist import db as worklist_db
 from worklist.orders import Orders
 from worklist.reconcile import Reconciler
@@ -203,6 +203,7 @@ def build_http(runtime: Runtime) -> FastAPI:
         )
     )
     app.include_router(orders_api.router(runtime.orders, dependencies=[Depends(authenticate)]))
+    app.include_router(fhir.router(runtime.orders, dependencies=[Depends(authenticate)]))
     app.include_router(api_reports.router(runtime.reports, dependencies=[Depends(authenticate)]))
     app.include_router(viewer_api.router(runtime.settings.viewer_dir or viewer_api.DIST))
     if runtime.settings.cors_origins:

@@ -150,7 +150,16 @@ def destination_resolver(engine: Engine):  # type: ignore[no-untyped-def]
 
 def ris_services(runtime: Runtime) -> list[DimseService]:
     """The RIS's DIMSE services: Modality Worklist, MPPS, Storage Commitment."""
-    return []
+    from worklist.mpps import PerformedProcedureSteps
+    from worklist.mwl import ModalityWorklist
+
+    s = runtime.settings
+    mwl = ModalityWorklist(runtime.engine, ascii_aes=s.ascii_aes)
+    mpps = PerformedProcedureSteps(runtime.orders)
+    return [
+        DimseService(mwl.sop_class, find=mwl.find),
+        DimseService(mpps.sop_class, n_create=mpps.n_create, n_set=mpps.n_set),
+    ]
 
 
 def build_background(runtime: Runtime) -> list[Background]:

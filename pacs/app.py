@@ -150,15 +150,18 @@ def destination_resolver(engine: Engine):  # type: ignore[no-untyped-def]
 
 def ris_services(runtime: Runtime) -> list[DimseService]:
     """The RIS's DIMSE services: Modality Worklist, MPPS, Storage Commitment."""
+    from worklist.commitment import StorageCommitment
     from worklist.mpps import PerformedProcedureSteps
     from worklist.mwl import ModalityWorklist
 
     s = runtime.settings
     mwl = ModalityWorklist(runtime.engine, ascii_aes=s.ascii_aes)
     mpps = PerformedProcedureSteps(runtime.orders)
+    commitment = StorageCommitment(runtime.engine, runtime.blobs, ae_title=s.ae_title, peers=s.commitment_aes)
     return [
         DimseService(mwl.sop_class, find=mwl.find),
         DimseService(mpps.sop_class, n_create=mpps.n_create, n_set=mpps.n_set),
+        DimseService(commitment.sop_class, n_action=commitment.n_action),
     ]
 
 

@@ -69,6 +69,14 @@ def test_rest_place_update_read_search(embedded: VnpacsService) -> None:
     assert changed.status_code == 200
     assert changed.json()["history"][-1]["source"] == "api"
     assert "procedure_description" in changed.json()["history"][-1]["detail"]
+    # Fields left out keep their value; the steps sent replace the steps, keeping what they leave out.
+    partial = {"patient_id": "BN-REST-1", "patient_name": "Nguyễn^Thị Mai", "placer_order_number": "REST-1"}
+    kept = api(embedded, "POST", "/api/orders", json={**partial, "steps": [{"modality": "DX", "start_time": "0900"}]})
+    assert kept.status_code == 200 and kept.json()["id"] == o["id"]
+    assert (kept.json()["cccd"], kept.json()["episode_id"]) == ("001185012345", "LK-REST-1")
+    assert [(s["station_ae_title"], s["start_date"], s["start_time"]) for s in kept.json()["steps"]] == [
+        ("DX01", "20261122", "0900")
+    ]
     read = api(embedded, "GET", f"/api/orders/{o['id']}")
     assert read.status_code == 200 and read.json()["procedure_description"] == "X-quang ngực nghiêng"
     assert api(embedded, "GET", "/api/orders/999999").status_code == 404

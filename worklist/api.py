@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query
@@ -13,8 +12,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from worklist.models import CANCELLED, DISCONTINUED
-from worklist.orders import OrderConflict, OrderError, OrderIn, OrderNotFound, Orders, StepIn, order_dict
+from worklist.intake import overlay
+from worklist.models import CANCELLED, DISCONTINUED, Order
+from worklist.orders import OrderConflict, OrderError, OrderIn, OrderNotFound, Orders, order_dict
 
 
 class StepModel(BaseModel):
@@ -35,7 +35,8 @@ class StepModel(BaseModel):
 
 class OrderModel(BaseModel):
     """An order as the HIS places it. Identified by `placer_order_number`, else by `accession_number`: posting the
-    same order again changes nothing; posting it changed updates it."""
+    same order again changes nothing; posting it changed updates it (fields left out keep their value; `steps`
+    replace the order's steps)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -60,10 +61,11 @@ class OrderModel(BaseModel):
     study_instance_uid: str = Field("", description="Assigned by the RIS when empty")
     steps: list[StepModel] = Field(..., min_length=1)
 
-    def order_in(self) -> OrderIn:
-        data = OrderIn(**{f.name: getattr(self, f.name) for f in fields(OrderIn) if f.name != "steps"})
-        data.steps = [StepIn(**step.model_dump()) for step in self.steps]
-        return data
+    def over(self, existing: Order | None) -> OrderIn:
+        """The order this body makes of `existing`: the fields it sends replace the order's, the others stay."""
+        values = {name: getattr(self, name) for name in self.model_fields_set if name != "steps"}
+        steps = [step.model_dump(exclude_unset=True) for step in self.steps]
+        return overlay(existing, values, steps)
 
 
 class EndModel(BaseModel):
@@ -97,7 +99,11 @@ def router(orders: Orders, *, dependencies: Sequence[Any] = ()) -> APIRouter:
         responses={201: {"description": "Placed"}, 200: {"description": "Updated or unchanged"}},
     )
     async def place(body: OrderModel) -> JSONResponse:
-        order, created = await call(orders.place, body.order_in(), source="api")
+        def run() -> tuple[Order, bool]:
+            existing = orders.find(placer=body.placer_order_number, accession=body.accession_number)
+            return orders.place(body.over(existing), source="api")
+
+        order, created = await call(run)
         headers = {"Location": f"/api/orders/{order.pk}"}
         return JSONResponse(order_dict(order), status_code=201 if created else 200, headers=headers)
 

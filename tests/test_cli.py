@@ -121,10 +121,10 @@ def test_db_upgrade_creates_the_schema_on_postgresql(tmp_path: Path) -> None:
 
 
 def test_settings_come_from_a_toml_file_and_the_environment_overrides_it(tmp_path: Path) -> None:
-    dicom_port, http_port = free_ports(2)
+    dicom_port, http_port, hl7_port = free_ports(3)
     config = tmp_path / "vnpacs.toml"
     config.write_text(
-        f'[vnpacs]\nae_title = "TOMLPACS"\ndicom_port = {dicom_port}\nhttp_port = {http_port}\n'
+        f'[vnpacs]\nae_title = "TOMLPACS"\ndicom_port = {dicom_port}\nhttp_port = {http_port}\nhl7_port = {hl7_port}\n'
         f'data_dir = "{tmp_path / "data"}"\n'
     )
     env = offline_env(tmp_path / "ignored")

@@ -181,6 +181,17 @@ def test_omi_with_tq1_and_ipc_gives_one_step_per_ipc(embedded: VnpacsService) ->
     ]
 
 
+def test_omg_o19_placer_order_of_version_2_5_1(embedded: VnpacsService) -> None:
+    """IHE RAD-2 in HL7 2.5.1 places orders as OMG^O19 (ORC, TQ1, OBR)."""
+    tq1 = segment("TQ1", {1: "1", 7: "202612051000", 9: "R"})
+    msg = order("OMG^O19^OMG_O19", "MSG-OMG-1", "NW", "HIS-OMG-1", pid("BN-OMG-1"), obr={24: "US"}, extra=[tq1])
+    # TQ1 belongs before OBR in OMG; the order group takes it wherever it stands after ORC.
+    ack = send(embedded.hl7_port, msg)
+    assert ack_code(ack) == "AA", ack_text(ack)
+    o = by_placer(embedded, "HIS-OMG-1")
+    assert [(s["modality"], s["start_date"], s["start_time"]) for s in o["steps"]] == [("US", "20261205", "1000")]
+
+
 def test_version_2_3_with_zds_and_accession_in_obr_18(embedded: VnpacsService) -> None:
     study_uid = "1.2.392.200036.9116.2.6.1.48.1214245415.1700000001.1"
     msg = order(

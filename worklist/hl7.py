@@ -1,4 +1,5 @@
-"""HL7 v2 from the HIS over MLLP: orders (ORM^O01, OMI^O23), demographics updates (ADT^A08) and merges (ADT^A40).
+"""HL7 v2 from the HIS over MLLP: orders (ORM^O01, OMI^O23, OMG^O19), demographics updates (ADT^A08), merges
+(ADT^A40).
 
 Versions 2.3 to 2.8. Fields are mapped the way the IHE Radiology Technical Framework maps them for order placement,
 scheduling and patient update (RAD-2, RAD-4, RAD-12, RAD-13); the table is in README ("HIS integration"). Every
@@ -44,7 +45,7 @@ from worklist.orders import OrderConflict, OrderError, OrderNotFound, Orders
 log = logging.getLogger(__name__)
 
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
-MESSAGES = (("ORM", "O01"), ("OMI", "O23"), ("ADT", "A08"), ("ADT", "A40"))
+MESSAGES = (("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19"), ("ADT", "A08"), ("ADT", "A40"))
 ORDER_CONTROLS = {"NW": "new", "XO": "change", "SC": "change", "CA": "cancel", "DC": "discontinue"}
 # HL7 table 0211 (MSH-18) → Python codec. Empty means the default, UTF-8 (what Vietnamese HIS send).
 CHARSETS = {
@@ -306,11 +307,11 @@ class Hl7Intake:
             known = kind in {k for k, _ in MESSAGES}
             raise Nack(
                 "AR",
-                f"message type {kind}^{event} is not supported (ORM^O01, OMI^O23, ADT^A08, ADT^A40)",
+                f"message type {kind}^{event} is not supported (ORM^O01, OMI^O23, OMG^O19, ADT^A08, ADT^A40)",
                 "201" if known else "200",
                 ("MSH", 9),
             )
-        if kind in ("ORM", "OMI"):
+        if kind in ("ORM", "OMI", "OMG"):
             return self.order_message(msg)
         if event == "A08":
             return self.update_patient(msg)

@@ -21,14 +21,15 @@ import viewer_api
 from pacs.auth import authenticator
 from pacs.dimse import Destination, DimseServer, DimseService
 from pacs.settings import Settings
-from storage import db
+from storage import db, metadata
 from storage.blobstore import BlobStore, FileBlobStore, open_blob_store
 from storage.ingest import Archive, Journal, StorageUnavailable
 from storage.models import RemoteAE
 from worklist import api as orders_api
-from worklist import api_reconcile, api_reports, fhir, hl7, signing
+from worklist import api_reconcile, api_reports, api_results, fhir, hl7, signing
 from worklist import db as worklist_db
 from worklist.orders import Orders
+from worklist.outbound import Outbound, default_broker
 from worklist.reconcile import Reconciler
 from worklist.reports import Reports
 
@@ -51,6 +52,7 @@ class Runtime:
     archive: Archive
     orders: Orders
     reports: Reports
+    outbound: Outbound
     background: list[Background] = field(default_factory=list)
 
     def close(self) -> None:
@@ -89,7 +91,24 @@ def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | No
     archive = Archive(engine, blobs, duplicate_policy=settings.duplicate_policy, journal=journal_file)
     orders = Orders(engine)
     reports = build_reports(settings, engine, orders)
-    return Runtime(settings=settings, engine=engine, blobs=blobs, archive=archive, orders=orders, reports=reports)
+    outbound = Outbound(
+        engine,
+        broker_url=settings.broker_url or default_broker(str(settings.data_dir.resolve())),
+        his_url=settings.his_oru_url,
+        sending_facility=settings.facility_name or settings.ae_title,
+        run_worker=settings.outbound_worker,
+        public_url=settings.public_url or f"http://{settings.http_host}:{settings.http_port}",
+    )
+    reports.on_final.append(outbound.report_signed)
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        blobs=blobs,
+        archive=archive,
+        orders=orders,
+        reports=reports,
+        outbound=outbound,
+    )
 
 
 def build_reports(settings: Settings, engine: Engine, orders: Orders) -> Reports:
@@ -169,7 +188,9 @@ def build_background(runtime: Runtime) -> list[Background]:
     """What `serve` runs beside DIMSE and HTTP, in start order (stopped in reverse)."""
     reconciler = Reconciler(runtime.orders)
     runtime.archive.listeners.append(reconciler.notice)
-    tasks: list[Background] = [reconciler]
+    warmer = metadata.Warmer(runtime.engine, runtime.blobs)
+    runtime.archive.listeners.append(warmer.notice)
+    tasks: list[Background] = [reconciler, warmer, runtime.outbound]
     s = runtime.settings
     if s.hl7_port:
         intake = hl7.Hl7Intake(runtime.orders, runtime.engine, application=s.ae_title)
@@ -217,6 +238,7 @@ def build_http(runtime: Runtime) -> FastAPI:
     app.include_router(orders_api.router(runtime.orders, dependencies=[Depends(authenticate)]))
     app.include_router(fhir.router(runtime.orders, dependencies=[Depends(authenticate)]))
     app.include_router(api_reports.router(runtime.reports, dependencies=[Depends(authenticate)]))
+    app.include_router(api_results.router(runtime.outbound, dependencies=[Depends(authenticate)]))
     app.include_router(viewer_api.router(runtime.settings.viewer_dir or viewer_api.DIST))
     if runtime.settings.cors_origins:
         app.add_middleware(

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,6 +89,28 @@ def serve() -> None:
         for task in reversed(background):
             task.stop()
         dimse.stop()
+        runtime.close()
+
+
+@app.command()
+def worker() -> None:
+    """Deliver messages owed to the HIS (a Celery worker on VNPACS_BROKER_URL), for scale-out nodes that run
+    `serve` with VNPACS_OUTBOUND_WORKER=false."""
+    from pacs.app import build_runtime
+
+    settings = _settings()
+    runtime = build_runtime(settings)
+    owed = runtime.outbound.sweep()
+    threading.Thread(target=runtime.outbound.sweep_periodically, name="outbox-sweep", daemon=True).start()
+    console.print(
+        f"outbound worker: {owed} message(s) owed queued again; broker {runtime.outbound.celery.conf.broker_url}"
+    )
+    try:
+        runtime.outbound.celery.worker_main(
+            ["worker", "--pool=threads", "--concurrency=2", "--queues=vnpacs-outbound", "--without-heartbeat",
+             "--without-gossip", "--without-mingle", "--loglevel=INFO"]
+        )  # fmt: skip
+    finally:
         runtime.close()
 
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         "", description="Celery broker for outbound messages; empty = SQLAlchemy transport over SQLite in the data dir"
     )
+    outbound_worker: bool = Field(
+        True, description="Run the HIS delivery worker in this process (false when `vnpacs worker` processes run)"
+    )
     signing_p12: Path | None = Field(None, description="PKCS#12 file (certificate + key) reports are signed with")
     signing_p12_password: str = ""
     signing_trust_roots: Path | None = Field(

@@ -8,6 +8,9 @@ URL the client sees (reverse proxies differ per request).
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -16,9 +19,12 @@ from pydicom.dataelem import DataElement
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from storage.blobstore import BlobStore
+from storage.blobstore import BlobStore, blob_key_for
+from storage.ingest import IngestResult
 from storage.models import MetadataCache
 from storage.query import StoredObject
+
+log = logging.getLogger(__name__)
 
 ROOT = "{{ROOT}}"
 BULK_THRESHOLD = 1024
@@ -77,3 +83,81 @@ def headers(
             pass  # another request or node cached them first: same content by construction
         cached.update(fresh)
     return [cached[o.sha256] for o in objects]
+
+
+class Warmer:
+    """Computes the metadata of newly stored objects in the background, once ingest goes quiet.
+
+    An Archive listener collects what arrived; when nothing new has arrived for `quiet` seconds the headers are
+    computed and cached in batches, so the first viewer to open a fresh study reads the cache instead of every
+    file, and a large push is never slowed by it.
+    """
+
+    def __init__(self, engine: Engine, blobs: BlobStore, *, quiet: float = 1.0, batch: int = 200) -> None:
+        self.engine = engine
+        self.blobs = blobs
+        self.quiet = quiet
+        self.batch = batch
+        self._pending: dict[str, StoredObject] = {}
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
+        self._stopping = threading.Event()
+        self._last = 0.0
+        self._thread: threading.Thread | None = None
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def notice(self, result: IngestResult) -> None:
+        if result.outcome != "stored":
+            return
+        obj = StoredObject(
+            sop_class_uid=result.sop_class_uid,
+            sop_instance_uid=result.sop_instance_uid,
+            transfer_syntax_uid=result.transfer_syntax_uid,
+            blob_key=blob_key_for(result.sha256),
+            size=result.size,
+            sha256=result.sha256,
+            study_instance_uid=result.study_instance_uid,
+            series_instance_uid=result.series_instance_uid,
+        )
+        with self._lock:
+            self._pending[obj.sha256] = obj
+            self._last = time.monotonic()
+        self.idle.clear()
+        self._arrived.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="metadata-warmer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._arrived.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._arrived.wait()
+            self._arrived.clear()
+            while not self._stopping.is_set():
+                with self._lock:
+                    wait = self._last + self.quiet - time.monotonic()
+                if wait <= 0:
+                    break
+                self._stopping.wait(wait)
+            while not self._stopping.is_set():
+                with self._lock:
+                    if time.monotonic() - self._last < self.quiet:
+                        self._arrived.set()  # objects are arriving again: wait for quiet once more
+                        break
+                    chunk = list(self._pending.values())[: self.batch]
+                    for obj in chunk:
+                        del self._pending[obj.sha256]
+                if not chunk:
+                    self.idle.set()
+                    break
+                try:
+                    headers(self.engine, self.blobs, chunk)
+                except Exception as exc:  # a failure only means the first request computes them itself
+                    log.warning("metadata warming of %d object(s) skipped: %s", len(chunk), exc)

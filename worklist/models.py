@@ -217,6 +217,8 @@ class OutboundMessage(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ack: Mapped[str] = mapped_column(Text, default="")
+    # A delivery in flight holds the row until then, so concurrent workers never send it twice.
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Correction(Base):

@@ -210,6 +210,7 @@ def build_dimse(runtime: Runtime) -> DimseServer:
         max_associations=s.max_associations,
         resolve_destination=destination_resolver(runtime.engine),
         services=ris_services(runtime),
+        max_find_results=s.max_find_results,
     )
 
 

@@ -160,6 +160,7 @@ class DimseServer:
         max_associations: int,
         resolve_destination: Callable[[str], Destination | None],
         services: list[DimseService] | None = None,
+        max_find_results: int = 0,
     ) -> None:
         netio.apply()
         self.archive = archive
@@ -167,6 +168,7 @@ class DimseServer:
         self.host = host
         self.port = port
         self.resolve_destination = resolve_destination
+        self.max_find_results = max_find_results
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
         ae.maximum_associations = max_associations
@@ -267,7 +269,19 @@ class DimseServer:
             if patient_root and level == "PATIENT" and "PatientID" not in keys:
                 keys.append("PatientID")
             with self.archive.engine.connect() as conn:
-                result = find(conn, level, filters, keys, patient_root=patient_root)  # type: ignore[arg-type]
+                result = find(
+                    conn,
+                    level,  # type: ignore[arg-type]
+                    filters,
+                    keys,
+                    patient_root=patient_root,
+                    limit=self.max_find_results or None,
+                )
+            if result.truncated:
+                # Like dcm4chee, refuse rather than silently answer part of the matches.
+                comment = f"more than {self.max_find_results} matches: narrow the query"
+                yield status.OUT_OF_RESOURCES_MATCHES, _status(status.OUT_OF_RESOURCES_MATCHES, comment)
+                return
         except QueryError as exc:
             yield (
                 status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     duplicate_policy: Literal["keep-first", "replace"] = "keep-first"
     max_pdu: int = Field(4 * 1024 * 1024, description="Maximum PDU size we receive (bytes)")
     max_associations: int = 32
+    max_find_results: int = Field(10000, description="C-FIND matches above this are refused (0xA700); 0 = no cap")
     log_level: str = "INFO"
     node_id: str = Field(default_factory=socket.gethostname, description="Names this node's ingest journal")
     # ---- RIS (worklist/) ----

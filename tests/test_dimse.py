@@ -18,6 +18,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
 )
 
+from tests.conftest import StartServer
 from tests.data import patient, write_ct
 from tests.scu import c_find, c_get, dataset_bytes, run_dcmtk, storage_corpus, store_files, study_identifier
 from tests.services import VnpacsService, free_port
@@ -528,3 +529,13 @@ def storage_ae_for_test():  # type: ignore[no-untyped-def]
     from tests.scu import storage_ae
 
     return storage_ae("CTXTEST")
+
+
+def test_c_find_refuses_more_matches_than_the_cap(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server("fs-sqlite", VNPACS_MAX_FIND_RESULTS="2")
+    files = [write_ct(tmp_path, who=patient(f"Bùi^Văn {c}", f"CAP-{c}"), study=f"cap-{c}") for c in "ABC"]
+    assert all(s.Status == 0 for s in store_files(server.dicom_port, files).values())
+    matches, final = c_find(server.dicom_port, study_identifier(PatientName="bui*", PatientID=None))
+    assert final == 0xA700 and matches == []
+    matches, final = c_find(server.dicom_port, study_identifier(PatientID="CAP-A"))
+    assert final == 0 and [m.PatientID for m in matches] == ["CAP-A"]

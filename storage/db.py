@@ -51,20 +51,21 @@ def make_engine(url: str) -> Engine:
     )
 
 
-def alembic_config(url: str) -> Any:
+def alembic_config(url: str, migrations: Path = MIGRATIONS_DIR) -> Any:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the schema to `revision` (Alembic); safe to run at every start."""
+def upgrade(url: str, revision: str = "head", migrations: Path = MIGRATIONS_DIR) -> None:
+    """Bring the schema to `revision` (Alembic); safe to run at every start. `migrations` names another package's
+    own history (its env.py chooses its version table)."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    command.upgrade(alembic_config(url, migrations), revision)
 
 
 def check(engine: Engine) -> None:

@@ -22,19 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-NAMING = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-UID = String(64)
-PN = String(324)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+from storage.models import NAMING, PN, UID, utcnow
 
 
 class Base(DeclarativeBase):

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import N_ACTION
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
@@ -347,7 +350,8 @@ def commitment_request(transaction: str, refs: list[tuple[str, str]]) -> Dataset
 class ReportReceiver:
     """Collects N-EVENT-REPORTs (event type, event information, the sending AE and association role)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: int = 0x0000) -> None:
+        self.answer = answer
         self.reports: list[tuple[int, Dataset, str]] = []
         self.roles: list[tuple[str, bool | None, bool | None]] = []  # (abstract syntax, as SCU, as SCP) accepted
         self.arrived = threading.Event()
@@ -356,7 +360,7 @@ class ReportReceiver:
         info = event.event_information
         self.reports.append((int(event.event_type), info, str(event.assoc.requestor.ae_title).strip()))
         self.arrived.set()
-        return 0x0000, None
+        return self.answer, None
 
     def wait(self, timeout: float = 30.0) -> tuple[int, Dataset, str]:
         assert self.arrived.wait(timeout), "no N-EVENT-REPORT arrived"
@@ -370,16 +374,13 @@ def request_commitment(
     calling: str,
     wait: bool,
     transaction: str | None = None,
+    answer: int = 0x0000,
 ) -> tuple[Dataset, str, ReportReceiver]:
-    """N-ACTION; with `wait` the association stays open until the report arrives on it, else it is released
-    as soon as the N-ACTION response is in."""
-    receiver = ReportReceiver()
+    """N-ACTION; with `wait` the association stays open until the report arrives on it (answered with `answer`),
+    else it is released as soon as the N-ACTION response is in (the report may then come on it or on a new one)."""
+    receiver = ReportReceiver(answer)
     transaction = transaction or generate_uid()
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate(LOOPBACK, port, ae_title="VNPACS", evt_handlers=[(evt.EVT_N_EVENT_REPORT, receiver.handler)])
-    assert assoc.is_established
+    assoc = _commitment_association(port, calling, receiver)
     try:
         status, _ = assoc.send_n_action(
             commitment_request(transaction, refs), 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
@@ -389,6 +390,36 @@ def request_commitment(
     finally:
         assoc.release()
     return status, transaction, receiver
+
+
+def request_commitment_and_leave(port: int, refs: list[tuple[str, str]], *, calling: str) -> tuple[str, ReportReceiver]:
+    """N-ACTION immediately followed by A-RELEASE, without waiting for the response: the association is surely
+    gone when the report is ready, so it has to come on a new association."""
+    receiver = ReportReceiver()
+    transaction = generate_uid()
+    assoc = _commitment_association(port, calling, receiver)
+    context = assoc._get_valid_context(StorageCommitmentPushModel, "", "scu")
+    syntax = context.transfer_syntax[0]
+    request = N_ACTION()
+    request.MessageID = 1
+    request.RequestedSOPClassUID = StorageCommitmentPushModel
+    request.RequestedSOPInstanceUID = "1.2.840.10008.1.20.1.1"
+    request.ActionTypeID = 1
+    request.ActionInformation = BytesIO(
+        encode(commitment_request(transaction, refs), syntax.is_implicit_VR, syntax.is_little_endian)
+    )
+    assoc.dimse.send_msg(request, context.context_id)
+    assoc.release()
+    return transaction, receiver
+
+
+def _commitment_association(port: int, calling: str, receiver: ReportReceiver) -> Any:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(LOOPBACK, port, ae_title="VNPACS", evt_handlers=[(evt.EVT_N_EVENT_REPORT, receiver.handler)])
+    assert assoc.is_established
+    return assoc
 
 
 @contextmanager

@@ -16,7 +16,13 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests.data import patient, write_ct
-from tests.ris_scu import commitment_scu_listener, failures, reference_pairs, request_commitment
+from tests.ris_scu import (
+    commitment_scu_listener,
+    failures,
+    reference_pairs,
+    request_commitment,
+    request_commitment_and_leave,
+)
 from tests.scu import store_files
 from tests.services import VnpacsService, free_port, start_vnpacs
 
@@ -33,7 +39,7 @@ def listener_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, listener_port: int) -> Iterator[VnpacsService]:
     svc = start_vnpacs(
-        {"VNPACS_COMMITMENT_AES": f"MODALITY1=127.0.0.1:{listener_port}", "VNPACS_HL7_PORT": "0"},
+        {"VNPACS_COMMITMENT_AES": f"MODALITY1=127.0.0.1:{listener_port}"},
         tmp_path_factory.mktemp("commitment"),
     )
     try:
@@ -85,11 +91,8 @@ def test_report_on_a_new_association_to_the_configured_ae(
     good = stored(server, tmp_path, "commit-new", 2)
     missing = (CT_IMAGE, generate_uid())
     with commitment_scu_listener("MODALITY1", listener_port) as listener:
-        # The modality releases as soon as the N-ACTION is answered; the report must come on a new association.
-        status, transaction, early = request_commitment(
-            server.dicom_port, [*good, missing], calling="MODALITY1", wait=False
-        )
-        assert status.Status == 0
+        # The modality leaves right after its request: the report must come on a new association.
+        transaction, early = request_commitment_and_leave(server.dicom_port, [*good, missing], calling="MODALITY1")
         event_type, info, sender = listener.wait()
     assert not early.reports
     assert sender == "VNPACS"  # the archive opened this association, under its own AE title
@@ -98,6 +101,43 @@ def test_report_on_a_new_association_to_the_configured_ae(
     assert event_type == 2 and info.TransactionUID == transaction
     assert reference_pairs(info, "ReferencedSOPSequence") == good
     assert failures(info) == {missing[1]: 0x0112}
+
+
+def test_release_right_after_the_response_gets_exactly_one_report(
+    server: VnpacsService, tmp_path: Path, listener_port: int
+) -> None:
+    """However the release races the report (same association or a new one), each transaction is reported once."""
+    good = stored(server, tmp_path, "commit-race", 1)
+    with commitment_scu_listener("MODALITY1", listener_port) as listener:
+        transactions = []
+        early_reports = []
+        for _ in range(5):
+            status, transaction, early = request_commitment(server.dicom_port, good, calling="MODALITY1", wait=False)
+            assert status.Status == 0
+            transactions.append(transaction)
+            early_reports.append(early)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            got = [r[1].TransactionUID for r in listener.reports] + [
+                r[1].TransactionUID for e in early_reports for r in e.reports
+            ]
+            if sorted(got) == sorted(transactions):
+                break
+            time.sleep(0.1)
+    assert sorted(got) == sorted(transactions)
+
+
+def test_a_report_refused_on_the_same_association_goes_again_on_a_new_one(
+    server: VnpacsService, tmp_path: Path, listener_port: int
+) -> None:
+    good = stored(server, tmp_path, "commit-refused", 1)
+    with commitment_scu_listener("MODALITY1", listener_port) as listener:
+        status, transaction, same = request_commitment(
+            server.dicom_port, good, calling="MODALITY1", wait=True, answer=0x0110
+        )
+        assert status.Status == 0 and same.reports[0][1].TransactionUID == transaction
+        event_type, info, sender = listener.wait()
+    assert (event_type, info.TransactionUID, sender) == (1, transaction, "VNPACS")
 
 
 def test_report_to_a_remote_ae_added_with_the_cli(server: VnpacsService, tmp_path: Path) -> None:
@@ -110,8 +150,7 @@ def test_report_to_a_remote_ae_added_with_the_cli(server: VnpacsService, tmp_pat
     assert added.returncode == 0, added.stderr
     good = stored(server, tmp_path, "commit-remote", 1)
     with commitment_scu_listener("USWARD", port) as listener:
-        status, transaction, _ = request_commitment(server.dicom_port, good, calling="USWARD", wait=False)
-        assert status.Status == 0
+        transaction, _ = request_commitment_and_leave(server.dicom_port, good, calling="USWARD")
         event_type, info, sender = listener.wait()
     assert (event_type, info.TransactionUID, sender) == (1, transaction, "VNPACS")
     assert reference_pairs(info, "ReferencedSOPSequence") == good
@@ -139,8 +178,7 @@ def test_unknown_ae_with_the_association_closed_gets_no_report_and_the_server_st
     server: VnpacsService, tmp_path: Path
 ) -> None:
     good = stored(server, tmp_path, "commit-unknown", 1)
-    status, _, early = request_commitment(server.dicom_port, good, calling="NOBODY", wait=False)
-    assert status.Status == 0
+    _, early = request_commitment_and_leave(server.dicom_port, good, calling="NOBODY")
     deadline = time.monotonic() + 10
     while "AE NOBODY is not configured" not in server.log_tail(200) and time.monotonic() < deadline:
         time.sleep(0.1)

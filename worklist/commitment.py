@@ -236,16 +236,25 @@ class StorageCommitment:
                 len(outcome.committed),
                 len(outcome.failed),
             )
-            if self._send_on(assoc, info, outcome.event_type):
+            answered = self._send_on(assoc, info, outcome.event_type)
+            if answered == status.SUCCESS:
                 self._reported(transaction, "same association", outcome.event_type)
                 return
+            if answered is not None:
+                log.warning(
+                    "storage commitment %s: %s answered 0x%04X on the same association; trying a new one",
+                    transaction,
+                    calling,
+                    answered,
+                )
             for attempt in range(1, self.attempts + 1):
                 peer = self.resolve(calling)
                 if peer is None:
                     log.error(
-                        "storage commitment %s: association closed and AE %s is not configured "
-                        "(commitment_aes or remote AEs): report not delivered",
+                        "storage commitment %s: %s and AE %s is not configured (commitment_aes or remote AEs): "
+                        "report not delivered",
                         transaction,
+                        "association closed" if answered is None else "report refused",
                         calling,
                     )
                     return
@@ -278,33 +287,30 @@ class StorageCommitment:
             ).first()
         return Peer(row.ae_title, row.host, row.port) if row else None
 
-    def _send_on(self, assoc: Any, info: Dataset, event_type: int) -> bool:
-        """Send the report on the requesting association if it is still open; False if it is not."""
+    def _send_on(self, assoc: Any, info: Dataset, event_type: int) -> int | None:
+        """Send the report on the requesting association if it is still open: the status the peer answered, None
+        if the association is gone or nothing came back."""
         # One report at a time per association (each pauses its reactor while it waits for the answer).
         lock = assoc.__dict__.setdefault("_vn_commitment_lock", threading.Lock())
         with lock:
             if not _pause(assoc, self.timeout):
-                return False
+                return None
             try:
                 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
                 pending = assoc.dul.peek_next_pdu()
                 if not assoc.is_established or isinstance(pending, A_RELEASE | A_ABORT | A_P_ABORT):
-                    return False
+                    return None
                 rsp, _ = assoc.send_n_event_report(
                     info, event_type, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE
                 )
             except Exception as exc:
                 log.warning("storage commitment report on the open association failed: %s", exc)
-                return False
+                return None
             finally:
                 assoc._reactor_checkpoint.set()
         code = rsp.get("Status") if rsp is not None else None
-        if code is None:
-            return False  # no answer: released or aborted meanwhile
-        if code != status.SUCCESS:
-            log.warning("storage commitment report answered with status 0x%04X", code)
-        return True
+        return int(code) if code is not None else None
 
     def _send_new(self, peer: Peer, info: Dataset, event_type: int) -> bool:
         from pynetdicom import AE, build_role
@@ -338,14 +344,25 @@ class StorageCommitment:
 
 
 def _pause(assoc: Any, timeout: float) -> bool:
-    """Stop the association's reactor between messages (pynetdicom's own send_*() do this, but wait forever when
-    the reactor has already ended); False if the association is gone."""
+    """Hold the association's reactor between two messages, so a report can be sent on it; False if the
+    association is gone.
+
+    pynetdicom's own send_*() clear the reactor's checkpoint and wait for its `_is_paused` flag, but the reactor
+    also raises that flag while it runs a service handler: a report sent then could overtake the N-ACTION response
+    still being sent. Here the wait is for the reactor blocked on the checkpoint itself (a waiter on the Event),
+    which it only reaches between messages.
+    """
     checkpoint = getattr(assoc, "_reactor_checkpoint", None)
     if checkpoint is None or not assoc.is_established:
         return False
+    condition = getattr(checkpoint, "_cond", None)
+    waiters = getattr(condition, "_waiters", None)
+    if waiters is None:
+        log.warning("pynetdicom internals changed: storage commitment reports go on a new association")
+        return False
     checkpoint.clear()
     deadline = time.monotonic() + timeout
-    while not getattr(assoc, "_is_paused", False):
+    while not (len(waiters) > 0 and getattr(assoc, "_is_paused", False)):
         if not assoc.is_established or not assoc.is_alive() or time.monotonic() > deadline:
             checkpoint.set()
             return False

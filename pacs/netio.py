@@ -301,6 +301,7 @@ def _patch_recv(transport: Any) -> None:
         while nr_read < nr_bytes:
             got = sock.recv_into(view[nr_read:], nr_bytes - nr_read, socket.MSG_WAITALL)
             if not got:
+                view.release()  # a bytearray with a live memoryview cannot be resized
                 del buffer[nr_read:]  # connection closed: return what arrived, as pynetdicom does
                 break
             nr_read += got

@@ -32,7 +32,7 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VnpacsService]:
-    svc = start_vnpacs({"VNPACS_HL7_PORT": "0"}, tmp_path_factory.mktemp("mpps"))
+    svc = start_vnpacs({}, tmp_path_factory.mktemp("mpps"))
     try:
         yield svc
     finally:
@@ -222,7 +222,7 @@ def test_two_step_order_completes_when_both_steps_are_performed(server: VnpacsSe
 
 
 def test_worklist_and_mpps_on_postgresql(start_server: StartServer) -> None:
-    server = start_server("fs-pg", VNPACS_HL7_PORT="0")
+    server = start_server("fs-pg")
     order = place(server, order_in("MPPS-PG", patient_id="BN-PG", name="Phạm^Thị Ánh"))
     matches, final = mwl_find(server.dicom_port, worklist_identifier(PatientName="pham^thi anh"))
     assert final == 0 and [m.AccessionNumber for m in matches] == ["MPPS-PG"]

@@ -9,6 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from tests.mllp import ack_code, ack_text, order, pid, segment, send
 from tests.ris_scu import (
     SPS_KEYS,
     TOP_KEYS,
@@ -30,7 +31,7 @@ from worklist.models import CANCELLED, IN_PROGRESS
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VnpacsService]:
-    svc = start_vnpacs({"VNPACS_ASCII_AES": "ASCIIMOD,OLDCT", "VNPACS_HL7_PORT": "0"}, tmp_path_factory.mktemp("mwl"))
+    svc = start_vnpacs({"VNPACS_ASCII_AES": "ASCIIMOD,OLDCT"}, tmp_path_factory.mktemp("mwl"))
     try:
         yield svc
     finally:
@@ -179,6 +180,57 @@ def test_findscu_keys_match_on_the_scheduled_procedure_step(server: VnpacsServic
         server.dicom_port, tmp_path / "mr", *keys("ScheduledProcedureStepSequence[0].ScheduledStationAETitle=MR02")
     )
     assert [r.AccessionNumber for r in mr] == ["MWL-K-MR"]
+
+
+def test_order_placed_by_hl7_comes_back_with_every_key_in_utf8_and_in_ascii(
+    server: VnpacsService, tmp_path: Path
+) -> None:
+    study_uid = "1.2.840.113619.2.55.3.604688119.971.1700000000.777"
+    msg = order(
+        "OMI^O23^OMI_O23",
+        "MSG-MWL-HL7",
+        "NW",
+        "HIS-MWL-HL7",
+        pid("BN-MWL-HL7", "Đỗ^Thị Hằng", cccd="079301000001", birth="20010101", sex="F"),
+        obr={24: "", 34: "KTV01&Lý&Thu Hà"},
+        extra=[
+            segment("TQ1", {1: "1", 7: "20261205083000+0700", 9: "R"}),
+            segment("IPC", {1: "ACC-MWL-HL7", 2: "RP-MWL-HL7", 3: study_uid, 4: "SPS-MWL-HL7", 5: "CT", 9: "CT_HL7"}),
+        ],
+    )
+    ack = send(server.hl7_port, msg)
+    assert ack_code(ack) == "AA", ack_text(ack)
+
+    query = dump2dcm(
+        WLISTQRY.format(patient_id="BN-MWL-HL7", modality="CT", station="CT_HL7", date="20261205"), tmp_path / "q.dcm"
+    )
+    [rsp] = findscu_worklist(server.dicom_port, tmp_path / "utf8", query=query)
+    assert_every_return_key(rsp)
+    assert rsp.SpecificCharacterSet == "ISO_IR 192"
+    assert (str(rsp.PatientName), rsp.PatientSex, rsp.PatientBirthDate) == ("Đỗ^Thị Hằng", "F", "20010101")
+    assert (rsp.AccessionNumber, rsp.RequestedProcedureID, rsp.StudyInstanceUID) == (
+        "ACC-MWL-HL7",
+        "RP-MWL-HL7",
+        study_uid,
+    )
+    assert rsp.AdmissionID == "LK-HIS-MWL-HL7"
+    assert str(rsp.ReferringPhysicianName) == "Trần^Thị Bình"
+    assert {i.PatientID for i in rsp.OtherPatientIDsSequence} == {"079301000001", "DN4010123456789"}
+    assert rsp.RequestedProcedureCodeSequence[0].CodeValue == "CT.NGUC"
+    sps = rsp.ScheduledProcedureStepSequence[0]
+    assert (sps.ScheduledProcedureStepID, sps.ScheduledStationAETitle, sps.ScheduledProcedureStepStartTime) == (
+        "SPS-MWL-HL7",
+        "CT_HL7",
+        "083000",
+    )
+    assert str(sps.ScheduledPerformingPhysicianName) == "Lý^Thu Hà"
+
+    [ascii_rsp] = findscu_worklist(server.dicom_port, tmp_path / "ascii", query=query, calling="OLDCT")
+    assert_every_return_key(ascii_rsp)
+    assert "SpecificCharacterSet" not in ascii_rsp
+    assert str(ascii_rsp.PatientName) == "Do^Thi Hang"
+    assert ascii_rsp.RequestedProcedureDescription == "CT nguc khong tiem thuoc"
+    assert str(ascii_rsp.ScheduledProcedureStepSequence[0].ScheduledPerformingPhysicianName) == "Ly^Thu Ha"
 
 
 # ---- pynetdicom -------------------------------------------------------------------------------------------------

@@ -5,21 +5,19 @@ re-encodes pixel data losslessly in RLE Lossless (pydicom's own encoder), JPEG 2
 (reversible, via pylibjpeg-openjpeg) and JPEG-LS Lossless when pyjpegls is installed. Lossy re-compression is not
 done: a lossy syntax (JPEG baseline, ...) gets a refusal naming the reason.
 
-Rendering applies the modality LUT (rescale) and then the requested window or the file's own VOI (window or LUT);
-without either it stretches the frame's range. Decoding uses pydicom's pixel handlers (pylibjpeg codecs).
+Rendering (decode, rescale, window, 8-bit, JPEG/PNG) is `storage.render`, shared with the reports' key images; its
+names are re-exported here. Decoding uses pydicom's pixel handlers (pylibjpeg codecs).
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_encoder, pixel_array
+from pydicom.pixels import get_encoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import (
     JPEG2000,
@@ -34,98 +32,37 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from storage import pixels
+from storage.render import (
+    PIXEL_KEYWORDS,
+    ImagingError,
+    NoPixelData,
+    RenderOptions,
+    decoded_frame,
+    image_header,
+    render,
+)
 
-
-class ImagingError(ValueError):
-    """The pixel data cannot be decoded or rendered (no pixels, unsupported codec, bad parameters)."""
-
-
-class NoPixelData(ImagingError):
-    """The object is not an image (a report, a document, a presentation state...)."""
-
-
-PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    media_type: str = "image/jpeg"
-    quality: int = 90
-    window: tuple[float, float, str] | None = None  # center, width, function
-    viewport: tuple[int, int] | None = None  # fit inside, keeping the aspect ratio
-
-
-def image_header(path: Path) -> Dataset:
-    """The header up to the pixel data; NoPixelData if no pixel data follows it."""
-    with open(path, "rb") as fp:
-        header = dcmread(fp, stop_before_pixels=True)
-        if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            found = any(k in dcmread(path, defer_size="1 KB") for k in PIXEL_KEYWORDS)  # fp is inflated elsewhere
-        else:
-            implicit, little = header.original_encoding
-            found = pixels.element_header(fp, bool(implicit), bool(little)) is not None
-    if not found:
-        raise NoPixelData("the object has no pixel data")
-    return header
-
-
-def decoded_frame(path: Path, number: int) -> tuple[np.ndarray, Dataset]:
-    """Frame `number` (1-based) decoded to a native array, with the header it was decoded under."""
-    header = image_header(path)
-    frames = int(header.get("NumberOfFrames", 1) or 1)
-    if not 1 <= number <= frames:
-        raise IndexError(f"frame {number} out of 1..{frames}")
-    try:
-        return pixel_array(path, index=number - 1), header
-    except Exception as exc:  # codec missing or corrupt data
-        raise ImagingError(f"cannot decode frame {number}: {exc}") from exc
+__all__ = [
+    "PIXEL_KEYWORDS",
+    "ImagingError",
+    "NoPixelData",
+    "RenderOptions",
+    "decoded_frame",
+    "encoded_frames",
+    "image_header",
+    "native_frame_bytes",
+    "render",
+    "transcodable_syntaxes",
+    "transcoded",
+    "transcoded_to_explicit_le",
+    "transcoding_problem",
+]
 
 
 def native_frame_bytes(path: Path, number: int) -> bytes:
     """Frame `number` decoded to little-endian native pixel bytes (what Explicit VR Little Endian would hold)."""
     array, _ = decoded_frame(path, number)
     return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
-
-
-def _to_8bit(array: np.ndarray, header: Dataset, options: RenderOptions) -> np.ndarray:
-    photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2"))
-    if array.ndim == 3 and array.shape[-1] == 3:  # colour: already display values
-        if array.dtype != np.uint8:
-            array = (array / max(float(array.max()), 1.0) * 255).astype(np.uint8)
-        return array
-    values = apply_modality_lut(array, header).astype(np.float64)
-    if options.window is not None:
-        center, width, _ = options.window
-        low, high = center - width / 2, center + width / 2
-    elif "WindowCenter" in header or "VOILUTSequence" in header:
-        values = apply_voi_lut(values, header).astype(np.float64)
-        low, high = float(values.min()), float(values.max())
-    else:
-        low, high = float(values.min()), float(values.max())
-    if high <= low:
-        high = low + 1
-    scaled = np.clip((values - low) / (high - low), 0, 1) * 255
-    if photometric == "MONOCHROME1":
-        scaled = 255 - scaled
-    return scaled.astype(np.uint8)
-
-
-def render(path: Path, number: int, options: RenderOptions) -> bytes:
-    array, header = decoded_frame(path, number)
-    image = Image.fromarray(_to_8bit(array, header, options))
-    if options.viewport is not None:
-        image.thumbnail(options.viewport)
-    out = io.BytesIO()
-    if options.media_type == "image/png":
-        image.save(out, format="PNG")
-    elif options.media_type == "image/jpeg":
-        image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
-            out, format="JPEG", quality=options.quality
-        )
-    else:
-        raise ImagingError(f"cannot render {options.media_type}")
-    return out.getvalue()
 
 
 # Uncompressed syntaxes any object can be written in; compressed ones get their pixel data re-encoded, losslessly.

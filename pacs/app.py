@@ -28,6 +28,7 @@ from storage.models import RemoteAE
 from worklist import api as orders_api
 from worklist import api_reconcile, api_reports, api_results, fhir, hl7, signing
 from worklist import db as worklist_db
+from worklist.key_images import KeyImages
 from worklist.orders import Orders
 from worklist.outbound import Outbound, default_broker
 from worklist.reconcile import Reconciler
@@ -90,7 +91,8 @@ def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | No
         journal_file = Journal(settings.data_dir.resolve() / "journal" / f"{name}.log")
     archive = Archive(engine, blobs, duplicate_policy=settings.duplicate_policy, journal=journal_file)
     orders = Orders(engine)
-    reports = build_reports(settings, engine, orders)
+    key_images = KeyImages(engine, blobs)
+    reports = build_reports(settings, engine, orders, key_images)
     outbound = Outbound(
         engine,
         broker_url=settings.broker_url or default_broker(str(settings.data_dir.resolve())),
@@ -98,6 +100,7 @@ def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | No
         sending_facility=settings.facility_name or settings.ae_title,
         run_worker=settings.outbound_worker,
         public_url=settings.public_url or f"http://{settings.http_host}:{settings.http_port}",
+        key_images=key_images,
     )
     reports.on_final.append(outbound.report_signed)
     return Runtime(
@@ -111,7 +114,7 @@ def build_runtime(settings: Settings, *, migrate: bool = True, journal: str | No
     )
 
 
-def build_reports(settings: Settings, engine: Engine, orders: Orders) -> Reports:
+def build_reports(settings: Settings, engine: Engine, orders: Orders, key_images: KeyImages | None = None) -> Reports:
     """The report service: signing key from the settings (a development one in DATA_DIR/signing without it), QR
     codes pointing at the viewer under VNPACS_PUBLIC_URL (default the HTTP listener)."""
     base = (settings.public_url or f"http://{settings.http_host}:{settings.http_port}").rstrip("/")
@@ -128,6 +131,7 @@ def build_reports(settings: Settings, engine: Engine, orders: Orders) -> Reports
         signing_config=config,
         viewer_url=lambda uid: f"{base}/viewer/viewer?StudyInstanceUIDs={uid}",
         facility_name=settings.facility_name,
+        key_images=key_images,
     )
 
 

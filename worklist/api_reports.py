@@ -8,6 +8,7 @@ from typing import Any, NoReturn, TypeVar
 from fastapi import APIRouter, Body, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from worklist.key_images import KeyImageUnavailable
 from worklist.report_pdf import FontMissing
 from worklist.reports import (
     ReportConflict,
@@ -22,6 +23,13 @@ from worklist.signing import SigningUnavailable
 T = TypeVar("T")
 
 
+class KeyImageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sop_instance_uid: str = Field(..., min_length=1, max_length=64, description="An instance of the report's study")
+    frame: int | None = Field(None, ge=1, description="Frame number (1-based) of a multi-frame instance")
+
+
 class ReportTextIn(BaseModel):
     """Report text; a field left out keeps the previous version's value."""
 
@@ -32,6 +40,9 @@ class ReportTextIn(BaseModel):
     recommendation: str | None = Field(None, description="Đề nghị")
     author_name: str | None = Field(None, description="Reading doctor's name")
     author_code: str | None = Field(None, description="Reading doctor's code (MA_BS_DOC_KQ)")
+    key_images: list[KeyImageIn] | None = Field(
+        None, description="Key images (ảnh chính) marked on the study; [] removes them, left out keeps them"
+    )
 
     def text(self) -> ReportText:
         return ReportText(**self.model_dump(include=set(ReportText.__dataclass_fields__)))
@@ -55,13 +66,15 @@ def _fail(exc: Exception) -> NoReturn:
         raise HTTPException(422, str(exc)) from exc
     if isinstance(exc, SigningUnavailable | FontMissing):
         raise HTTPException(503, f"reports cannot be signed now: {exc}") from exc
+    if isinstance(exc, KeyImageUnavailable):
+        raise HTTPException(503, str(exc)) from exc
     raise exc
 
 
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return fn(*args, **kwargs)
-    except (ReportError, SigningUnavailable, FontMissing) as exc:
+    except (ReportError, SigningUnavailable, FontMissing, KeyImageUnavailable) as exc:
         _fail(exc)
 
 
@@ -117,6 +130,14 @@ def router(reports: Reports, *, dependencies: Sequence[Any] = ()) -> APIRouter:
                 "Content-Disposition": f'inline; filename="report-{report_id}-v{number}.pdf"',
                 "X-Report-Signed": "true" if signed else "false",
             },
+        )
+
+    @api.get("/{report_id}/versions/{number}/key-images/{index}.jpg", summary="Key image `index` (1-based) as JPEG")
+    def key_image(report_id: int, number: int, index: int) -> Response:
+        return Response(
+            _call(reports.key_image, report_id, number, index),
+            media_type="image/jpeg",
+            headers={"Cache-Control": "private, max-age=3600"},
         )
 
     @api.get("/{report_id}/versions/{number}/signature", summary="The detached CMS signature (DER)")

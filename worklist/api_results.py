@@ -88,14 +88,14 @@ def router(outbound: Outbound, *, dependencies: Sequence[Any] = ()) -> APIRouter
     # ---- FHIR --------------------------------------------------------------------------------------------------
 
     @api.get("/fhir/DiagnosticReport/{pk}", tags=["fhir"], summary="A report as a FHIR DiagnosticReport")
-    def read_report(pk: str) -> JSONResponse:
+    def read_report(request: Request, pk: str) -> JSONResponse:
         if not pk.isdigit():
             return _not_found(f"no DiagnosticReport {pk}")
         with Session(engine) as session:
             found = load_report(session, int(pk))
             if found is None:
                 return _not_found(f"no DiagnosticReport {pk}")
-            return _fhir(diagnostic_report(*found))
+            return _fhir(diagnostic_report(*found, base_url=outbound.public_url or _base_url(request)))
 
     @api.get("/fhir/DiagnosticReport", tags=["fhir"], summary="Search reports by study, accession or patient")
     def search_reports(request: Request) -> JSONResponse:
@@ -109,7 +109,8 @@ def router(outbound: Outbound, *, dependencies: Sequence[Any] = ()) -> APIRouter
             stmt = stmt.where(Order.patient_id == patient.split("|")[-1])
         with Session(engine) as session:
             found = [load_report(session, pk) for pk in session.execute(stmt.limit(100)).scalars()]
-            return _bundle([diagnostic_report(*f) for f in found if f is not None])
+            base = outbound.public_url or _base_url(request)
+            return _bundle([diagnostic_report(*f, base_url=base) for f in found if f is not None])
 
     @api.get("/fhir/ImagingStudy/{uid}", tags=["fhir"], summary="A stored study as a FHIR ImagingStudy")
     def read_study(uid: str, request: Request) -> JSONResponse:

@@ -177,6 +177,8 @@ class ReportVersion(Base):
     author_name: Mapped[str] = mapped_column(PN, default="")
     author_code: Mapped[str] = mapped_column(String(64), default="")  # MA_BS_DOC_KQ
     reason: Mapped[str] = mapped_column(Text, default="")  # why an amendment was made
+    # JSON [{"sop_instance_uid", "frame"}] (worklist.key_images); NULL when the version has none.
+    key_images: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     content_sha256: Mapped[str] = mapped_column(String(64), default="")
     signed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

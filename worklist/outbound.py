@@ -9,11 +9,12 @@ the outbox is swept: rows still PENDING are queued again, so a message owed surv
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -21,6 +22,7 @@ from celery import Celery
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from worklist import key_images as keyimg
 from worklist.models import Order, OutboundMessage, Report, ReportVersion, utcnow
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,13 @@ def oru_r01(
     control_id: str,
     sending_facility: str,
     study_url: str = "",
+    key_images: Sequence[tuple[bytes | None, str]] = (),
 ) -> str:
-    """An ORU^R01 (v2.5, UTF-8) carrying a report version: F for FINAL, C for an amended (corrected) result."""
+    """An ORU^R01 (v2.5, UTF-8) carrying a report version: F for FINAL, C for an amended (corrected) result.
+
+    Each key image (JPEG, URL) is an ED OBX with the JPEG in Base64 (`^IM^JPEG^Base64^…`, HL7 v2.5 2.A.24) and an
+    RP OBX pointing at it, both with the image's number as sub-ID; a JPEG that could not be rendered leaves the RP.
+    """
     status = "C" if version.status == "AMENDED" else "F"
     ids = [f"{hl7_escape(order.patient_id)}^^^{hl7_escape(order.issuer_of_patient_id)}^PI"]
     if order.cccd:
@@ -100,6 +107,16 @@ def oru_r01(
         segments.append(
             f"OBX|{n}|RP|STUDY^Hình ảnh^L||{hl7_escape(study_url)}^VNPACS^IMAGE^HTML||||||{status}|||{when}"
         )
+    for k, (jpeg, url) in enumerate(key_images, 1):
+        if jpeg is not None:
+            n += 1
+            data = base64.b64encode(jpeg).decode("ascii")  # A-Z a-z 0-9 + / =: nothing to escape
+            segments.append(f"OBX|{n}|ED|KEYIMAGE^Ảnh chính^L|{k}|^IM^JPEG^Base64^{data}||||||{status}|||{when}")
+        if url:
+            n += 1
+            segments.append(
+                f"OBX|{n}|RP|KEYIMAGE^Ảnh chính^L|{k}|{hl7_escape(url)}^VNPACS^IM^JPEG||||||{status}|||{when}"
+            )
     return "\r".join(segments) + "\r"
 
 
@@ -152,8 +169,10 @@ class Outbound(threading.Thread):
         retry_max: float = 300.0,
         run_worker: bool = True,
         public_url: str = "",
+        key_images: keyimg.KeyImages | None = None,
     ) -> None:
         super().__init__(name="outbound-worker", daemon=True)
+        self.key_images = key_images
         self.engine = engine
         self.his_url = his_url
         self.sending_facility = sending_facility
@@ -183,7 +202,14 @@ class Outbound(threading.Thread):
 
     # ---- producing ------------------------------------------------------------------------------------------
 
-    def enqueue_report(self, order: Order, version: ReportVersion, *, study_url: str = "") -> int | None:
+    def enqueue_report(
+        self,
+        order: Order,
+        version: ReportVersion,
+        *,
+        study_url: str = "",
+        key_images: Sequence[tuple[bytes | None, str]] = (),
+    ) -> int | None:
         """Queue the ORU^R01 for a FINAL or AMENDED report version; None when no HIS endpoint is configured."""
         if not self.his_url:
             return None
@@ -197,6 +223,7 @@ class Outbound(threading.Thread):
                 control_id=f"VNPACS{row.pk}",
                 sending_facility=self.sending_facility,
                 study_url=study_url,
+                key_images=key_images,
             )
             pk = row.pk
         self.deliver_task.apply_async((pk,))
@@ -216,7 +243,19 @@ class Outbound(threading.Thread):
         study_url = (
             f"{self.public_url}/viewer/viewer?StudyInstanceUIDs={report.study_instance_uid}" if self.public_url else ""
         )
-        self.enqueue_report(order, version, study_url=study_url)
+        if not self.his_url:
+            return
+        images: list[tuple[bytes | None, str]] = []
+        for k, image in enumerate(keyimg.loads(version.key_images), 1):
+            url = f"{self.public_url}/api/reports/{report.pk}/versions/{version.version}/key-images/{k}.jpg"
+            jpeg = None
+            if self.key_images is not None:
+                try:
+                    jpeg = self.key_images.jpeg(image)
+                except (keyimg.KeyImageError, keyimg.KeyImageUnavailable) as exc:
+                    log.warning("report %s: key image %d sent as a link only: %s", report.pk, k, exc)
+            images.append((jpeg, url if self.public_url else ""))
+        self.enqueue_report(order, version, study_url=study_url, key_images=images)
 
     def resend(self, pk: int) -> None:
         with Session(self.engine) as session, session.begin():

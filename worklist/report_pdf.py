@@ -7,9 +7,13 @@ a ToUnicode map, so the text can be searched and extracted (`pdftotext`).
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fpdf import FPDF
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 FONT_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
@@ -58,6 +62,7 @@ class ReportDocument:
     signed_at: dt.datetime | None = None
     signer: str = ""  # common name of the signing certificate
     content_sha256: str = ""
+    key_images: list[tuple[str, bytes]] = field(default_factory=list)  # (caption, JPEG)
 
 
 def person_name(value: str) -> str:
@@ -89,6 +94,38 @@ def _qr_png(url: str) -> BytesIO:
     segno.make(url, error="m", micro=False).save(out, kind="png", scale=4, border=2)
     out.seek(0)
     return out
+
+
+KEY_IMAGE_WIDTH = 38.0  # mm; four to a row
+
+
+def _key_images(pdf: FPDF, images: list[tuple[str, bytes]], width: float) -> None:
+    """The key images, small, four to a row, each captioned, under the heading "Ảnh chính"."""
+    from fpdf.enums import XPos, YPos
+    from PIL import Image
+
+    pdf.set_font("DejaVu", "B", 11)
+    pdf.cell(width, 7, "Ảnh chính", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    per_row = max(1, int((width + 4) // (KEY_IMAGE_WIDTH + 4)))
+    for start in range(0, len(images), per_row):
+        row = images[start : start + per_row]
+        heights = []
+        for _, jpeg in row:
+            with Image.open(BytesIO(jpeg)) as im:
+                heights.append(KEY_IMAGE_WIDTH * im.height / max(im.width, 1))
+        tallest = min(max(heights), KEY_IMAGE_WIDTH * 1.5)
+        if pdf.get_y() + tallest + 5 > pdf.page_break_trigger:
+            pdf.add_page()
+        top = pdf.get_y()
+        for i, ((caption, jpeg), h) in enumerate(zip(row, heights, strict=True)):
+            x = pdf.l_margin + i * (KEY_IMAGE_WIDTH + 4)
+            w = KEY_IMAGE_WIDTH * min(1.0, tallest / h)
+            pdf.image(BytesIO(jpeg), x=x, y=top, w=w, h=min(h, tallest))
+            pdf.set_xy(x, top + tallest + 0.5)
+            pdf.set_font("DejaVu", "", 7)
+            pdf.cell(KEY_IMAGE_WIDTH, 3.5, caption, align="C")
+        pdf.set_xy(pdf.l_margin, top + tallest + 5)
+    pdf.ln(2)
 
 
 def render(doc: ReportDocument) -> bytes:
@@ -174,6 +211,9 @@ def render(doc: ReportDocument) -> bytes:
         pdf.set_font("DejaVu", "B" if bold else "", 10)
         pdf.multi_cell(width, 5.5, text.strip() or "—", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
         pdf.ln(2)
+
+    if doc.key_images:
+        _key_images(pdf, doc.key_images, width)
 
     # Date and doctor, on the right.
     pdf.ln(4)

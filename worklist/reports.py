@@ -4,6 +4,9 @@ Each save is a new version (`ris_report_version`); nothing is ever updated in pl
 signed when they are made: a detached CMS signature over the version's canonical bytes (`canonical_content`) and a
 PAdES-signed PDF (see `worklist.signing`). The order follows the report (REPORTED_PRELIMINARY, REPORTED_FINAL), and
 the `on_final` hooks run once a FINAL or AMENDED version is committed (the HIS result feed hangs there).
+
+A version may carry key images (`worklist.key_images`): instances of the report's study the doctor marks; they are
+carried forward like the text, signed with it, shown on the PDF and served as JPEG.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from storage.models import Patient, Series, Study
 from storage.text import nfc
+from worklist import key_images as keyimg
 from worklist import report_pdf, signing
 from worklist.models import REPORTED_FINAL, REPORTED_PRELIMINARY, Order, Report, ReportVersion, utcnow
 from worklist.orders import OrderError, Orders
@@ -60,9 +64,10 @@ class ReportText:
     recommendation: str | None = None  # đề nghị
     author_name: str | None = None
     author_code: str | None = None  # MA_BS_DOC_KQ
+    key_images: list[Any] | None = None  # [{"sop_instance_uid", "frame"}] or KeyImage; [] removes them
 
 
-_TEXT_FIELDS = [f.name for f in fields(ReportText)]
+_TEXT_FIELDS = [f.name for f in fields(ReportText) if f.name != "key_images"]
 _LIMITS = {"author_name": 324, "author_code": 64}
 
 
@@ -93,7 +98,7 @@ def _uid(value: str) -> str:
 def canonical_content(report: Report, version: ReportVersion) -> dict[str, Any]:
     """What a version's CMS signature covers, from stored columns only (so it can be rebuilt to verify)."""
     assert version.signed_at is not None
-    return {
+    content: dict[str, Any] = {
         "format": CANONICAL_FORMAT,
         "report_id": report.pk,
         "version": version.version,
@@ -106,6 +111,9 @@ def canonical_content(report: Report, version: ReportVersion) -> dict[str, Any]:
         "reason": version.reason,
         "signed_at": signing.utc_text(version.signed_at),
     }
+    if version.key_images:  # only then: versions without key images canonicalise exactly as they always did
+        content["key_images"] = [k.as_dict() for k in keyimg.loads(version.key_images)]
+    return content
 
 
 def _iso(value: dt.datetime | None) -> str:
@@ -128,6 +136,9 @@ def version_dict(report: Report, v: ReportVersion) -> dict[str, Any]:
         "author_name": v.author_name,
         "author_code": v.author_code,
         "reason": v.reason,
+        "key_images": [
+            {**k.as_dict(), "url": f"{base}/key-images/{i}.jpg"} for i, k in enumerate(keyimg.loads(v.key_images), 1)
+        ],
         "created_at": _iso(v.created_at),
         "signed": signed,
         "signed_at": _iso(v.signed_at),
@@ -167,8 +178,10 @@ class Reports:
         signing_config: signing.SigningConfig,
         viewer_url: Callable[[str], str],
         facility_name: str = "",
+        key_images: keyimg.KeyImages | None = None,
     ) -> None:
         self.engine = engine
+        self.key_images = key_images
         self.orders = orders
         self.signing_config = signing_config
         self.viewer_url = viewer_url
@@ -239,6 +252,9 @@ class Reports:
                 order = self.orders.find(accession=study.accession_number)
         if study is None and (order is None or order.study_instance_uid != uid):
             raise ReportNotFound(f"no stored study and no order with StudyInstanceUID {uid}")
+        images = self._key_images(uid, text.key_images)
+        if images is not None:
+            values["key_images"] = images
         with self.session() as session, session.begin():
             existing = session.execute(
                 select(Report.pk).where(
@@ -288,11 +304,15 @@ class Reports:
             if status == AMENDED:
                 raise ReportConflict(f"report {pk} is {report.status}; only a FINAL report is amended")
             raise ReportConflict(f"report {pk} is {report.status} and cannot become {status}")
-        if status == PRELIMINARY and report.status == PRELIMINARY and not values:
+        if status == PRELIMINARY and report.status == PRELIMINARY and not values and text.key_images is None:
             raise ReportConflict(f"report {pk} is already PRELIMINARY")
         latest = report.versions[-1]
-        content = {name: getattr(latest, name) for name in _TEXT_FIELDS}
+        content: dict[str, Any] = {name: getattr(latest, name) for name in _TEXT_FIELDS}
+        content["key_images"] = latest.key_images
         content.update(values)
+        images = self._key_images(report.study_instance_uid, text.key_images)
+        if text.key_images is not None:
+            content["key_images"] = images
         if status in SIGNED:
             missing = [
                 label
@@ -322,6 +342,31 @@ class Reports:
             raise ReportConflict(f"report {pk} changed meanwhile; reload and retry") from exc
         self._after_commit(report, version)
         return self.get(pk)
+
+    def _key_images(self, study_instance_uid: str, raw: list[Any] | None) -> str | None:
+        """The column value for key images given as input (None when not given), each checked against the index."""
+        if raw is None:
+            return None
+        try:
+            images = keyimg.parse(raw)
+            with self.session() as session:
+                keyimg.check(session, study_instance_uid, images)
+        except keyimg.KeyImageError as exc:
+            raise ReportError(str(exc)) from exc
+        return keyimg.dumps(images)
+
+    def key_image(self, pk: int, number: int, index: int) -> bytes:
+        """Key image `index` (1-based) of version `number` as JPEG."""
+        _, version = self.version(pk, number)
+        images = keyimg.loads(version.key_images)
+        if not 1 <= index <= len(images):
+            raise ReportNotFound(f"report {pk} version {number} has no key image {index} (it has {len(images)})")
+        if self.key_images is None:
+            raise keyimg.KeyImageUnavailable("key images are not rendered by this service (no blob store)")
+        try:
+            return self.key_images.jpeg(images[index - 1])
+        except keyimg.KeyImageError as exc:
+            raise ReportNotFound(str(exc)) from exc
 
     def _after_commit(self, report: Report, version: ReportVersion) -> None:
         if report.order_pk is not None and version.status in (PRELIMINARY, *SIGNED):
@@ -391,6 +436,13 @@ class Reports:
             signer=signer,
             content_sha256=version.content_sha256,
         )
+        images = keyimg.loads(version.key_images)
+        if images and self.key_images is not None:
+            for i, image in enumerate(images, 1):
+                try:
+                    doc.key_images.append((f"Ảnh chính {i}", self.key_images.jpeg(image)))
+                except keyimg.KeyImageError as exc:
+                    raise ReportError(str(exc)) from exc
         with self.session() as session:
             row = session.execute(
                 select(Study, Patient)

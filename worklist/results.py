@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from storage.models import Instance, Patient, Series, Study
+from worklist import key_images as keyimg
 from worklist.models import Order, Report, ReportVersion
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
@@ -46,8 +47,32 @@ def _iso(value: dt.datetime | None) -> str | None:
 # ---- FHIR DiagnosticReport ------------------------------------------------------------------------------------
 
 
-def diagnostic_report(report: Report, order: Order | None) -> dict[str, Any]:
-    """The report as a FHIR DiagnosticReport: its latest signed version (final, or amended), else the latest."""
+def _key_image_media(report: Report, version: ReportVersion, base_url: str) -> list[dict[str, Any]]:
+    """The version's key images as contained Media resources (R4: DiagnosticReport.media.link is a Reference to
+    Media), each with the SOP Instance UID as identifier and the JPEG endpoint as its content URL."""
+    out = []
+    for i, image in enumerate(keyimg.loads(version.key_images), 1):
+        media: dict[str, Any] = {
+            "resourceType": "Media",
+            "id": f"key-image-{i}",
+            "status": "completed",
+            "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{image.sop_instance_uid}"}],
+            "content": {
+                "contentType": "image/jpeg",
+                "url": f"{base_url}/api/reports/{report.pk}/versions/{version.version}/key-images/{i}.jpg",
+                "title": f"Ảnh chính {i}",
+            },
+        }
+        if image.frame is not None:
+            media["note"] = [{"text": f"Khung hình {image.frame}"}]
+        out.append(media)
+    return out
+
+
+def diagnostic_report(report: Report, order: Order | None, *, base_url: str = "") -> dict[str, Any]:
+    """The report as a FHIR DiagnosticReport: its latest signed version (final, or amended), else the latest.
+
+    Key images are contained Media resources referenced from `media` (with the comment "Ảnh chính n")."""
     version = latest_signed(report) or report.versions[-1]
     status = {"DRAFT": "registered", "PRELIMINARY": "preliminary", "FINAL": "final", "AMENDED": "amended"}
     resource: dict[str, Any] = {
@@ -98,6 +123,10 @@ def diagnostic_report(report: Report, order: Order | None) -> dict[str, Any]:
     if version.pdf:
         forms.append({"contentType": "application/pdf", "title": "Phiếu kết quả (ký số)", "size": len(version.pdf)})
     resource["presentedForm"] = forms
+    media = _key_image_media(report, version, base_url.rstrip("/"))
+    if media:
+        resource["contained"] = media
+        resource["media"] = [{"comment": m["content"]["title"], "link": {"reference": f"#{m['id']}"}} for m in media]
     resource = {k: v for k, v in resource.items() if v is not None}
     return DiagnosticReport.model_validate(resource).model_dump(mode="json", exclude_none=True)
 

@@ -114,13 +114,17 @@ def test_order_found_by_study_instance_uid_when_the_accession_is_empty(server: V
     assert get_order(server, order.pk).status == IN_PROGRESS
 
 
-def test_mpps_for_an_unknown_accession_is_kept_unscheduled(server: VnpacsService) -> None:
+def test_unscheduled_mpps_is_kept_and_an_unknown_accession_refused(server: VnpacsService) -> None:
     uid = generate_uid()
     with mpps_association(server.dicom_port) as assoc:
-        assert n_create(assoc, mpps_attributes("NO-SUCH-ACC", generate_uid(), "X"), uid).Status == 0
+        assert n_create(assoc, mpps_attributes("", generate_uid(), ""), uid).Status == 0
         assert n_set(assoc, mpps_final("COMPLETED"), uid).Status == 0
-    stored = performed_steps(server)[uid]
-    assert stored.order_pk is None and stored.status == "COMPLETED"
+        refused = generate_uid()
+        answer = n_create(assoc, mpps_attributes("NO-SUCH-ACC", generate_uid(), "X"), refused)
+        assert answer.Status == 0x0106 and "NO-SUCH-ACC" in answer.ErrorComment
+    stored = performed_steps(server)
+    assert stored[uid].order_pk is None and stored[uid].status == "COMPLETED"
+    assert refused not in stored
 
 
 def test_n_create_refusals(server: VnpacsService) -> None:

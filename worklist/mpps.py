@@ -5,7 +5,8 @@ Attribute, present but empty → 0x0121 Missing Attribute Value; a Type 2 attrib
 than IN PROGRESS → 0x0106 Invalid Attribute Value; an instance already created → 0x0111 Duplicate SOP Instance.
 The attributes are kept as DICOM JSON in `ris_mpps`. The orders named by the Scheduled Step Attributes Sequence
 (AccessionNumber, else StudyInstanceUID; ScheduledProcedureStepID picks the steps) move to IN_PROGRESS. An MPPS
-that names no known order (the IHE "unscheduled" case) is accepted and kept unlinked.
+that names no known order and no accession number (the IHE "unscheduled" case) is accepted and kept unlinked;
+one naming an accession number the RIS never issued is refused (0x0106).
 
 N-SET: an unknown instance → 0x0112; a step already COMPLETED or DISCONTINUED → 0x0110 Processing Failure with
 Error ID 0xA710 and the comment of table F.7.2-2; attributes N-SET may not change → 0x0105 No Such Attribute;
@@ -300,6 +301,12 @@ class PerformedProcedureSteps:
     def _create(self, uid: str, ds: Dataset, calling: str) -> None:
         performed = self.resolve(ds)
         first = next(iter(performed.orders), None)
+        if first is None:
+            unknown = [r.accession for r in scheduled_refs(ds) if r.accession]
+            if unknown:
+                # An accession the RIS never issued is a typo at the console, not an unscheduled exam (which
+                # carries no accession): refuse it so the technologist picks the worklist item instead.
+                raise MppsError(status.INVALID_ATTRIBUTE_VALUE, f"unknown accession number {unknown[0]}")
         with self.orders.session() as session, session.begin():
             if session.execute(select(PerformedStep.pk).where(PerformedStep.sop_instance_uid == uid)).first():
                 raise MppsError(status.DUPLICATE_SOP_INSTANCE, f"MPPS {uid} already exists")

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
 )
 
 from storage.db import make_engine
-from tests.scu import dcmtk_env
+from tests.scu import c_find, dcmtk_env
 from tests.services import LOOPBACK, VnpacsService
 from worklist.models import Order, PerformedStep
 from worklist.orders import OrderIn, Orders, StepIn
@@ -186,24 +186,7 @@ def worklist_identifier(sps: dict[str, Any] | None = None, **top: Any) -> Datase
 
 
 def mwl_find(port: int, identifier: Dataset, *, calling: str = "MODALITY") -> tuple[list[Dataset], int]:
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(ModalityWorklistInformationFind)
-    assoc = ae.associate(LOOPBACK, port, ae_title="VNPACS")
-    assert assoc.is_established
-    matches: list[Dataset] = []
-    final = -1
-    try:
-        for status, ds in assoc.send_c_find(identifier, ModalityWorklistInformationFind):
-            if status is None:
-                break
-            if status.Status in (0xFF00, 0xFF01):
-                matches.append(ds)
-            else:
-                final = status.Status
-    finally:
-        assoc.release()
-    return matches, final
+    return c_find(port, identifier, model=ModalityWorklistInformationFind, calling=calling)
 
 
 def findscu_worklist(

@@ -109,9 +109,14 @@ def store_files(
 
 
 def c_find(
-    port: int, identifier: Dataset, *, model: Any = StudyRootQueryRetrieveInformationModelFind, called: str = "VNPACS"
+    port: int,
+    identifier: Dataset,
+    *,
+    model: Any = StudyRootQueryRetrieveInformationModelFind,
+    called: str = "VNPACS",
+    calling: str = "TESTSCU",
 ) -> tuple[list[Dataset], int]:
-    ae = storage_ae()
+    ae = storage_ae(calling)
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established

@@ -90,22 +90,22 @@ def merge_patients(engine: Engine, *, survivor: tuple[str, str], merged: tuple[s
         if not merged_pks:
             return 0
         survivor_pks = _patient_pks(conn, *survivor)
-        if not survivor_pks:
-            target = merged_pks[0]
+        moved = 0
+        if survivor_pks:
+            target = survivor_pks[0]
+        else:
+            # Nothing stored for the survivor yet: the merged patient's row takes the surviving ID, studies and all.
+            target = merged_pks.pop(0)
             conn.execute(
                 update(Patient)
                 .where(Patient.pk == target)
                 .values(patient_id=survivor[0], issuer_of_patient_id=survivor[1])
             )
-            merged_pks = merged_pks[1:]
-        else:
-            target = survivor_pks[0]
-        moved = 0
+            moved = len(conn.execute(select(Study.pk).where(Study.patient_pk == target)).all())
         for pk in merged_pks:
             if pk == target:
                 continue
             moved += conn.execute(update(Study).where(Study.patient_pk == pk).values(patient_pk=target)).rowcount
             conn.execute(delete(PatientIdentifier).where(PatientIdentifier.patient_pk == pk))
             conn.execute(delete(Patient).where(Patient.pk == pk))
-        total = conn.execute(select(Study.pk).where(Study.patient_pk == target)).all()
-        return len(total) if not survivor_pks else moved
+        return moved

@@ -219,6 +219,12 @@ class Orders:
 
     # ---- lookup ---------------------------------------------------------------------------------------------
 
+    def _open(self, session: Session, order_pk: int) -> Order:
+        order = self._load(session, Order.pk == order_pk)
+        if order is None:
+            raise OrderNotFound(f"no order {order_pk}")
+        return order
+
     @staticmethod
     def _load(session: Session, *conditions: Any) -> Order | None:
         return session.execute(
@@ -236,10 +242,7 @@ class Orders:
 
     def get(self, pk: int) -> Order:
         with self.session() as session:
-            order = self._load(session, Order.pk == pk)
-        if order is None:
-            raise OrderNotFound(f"no order {pk}")
-        return order
+            return self._open(session, pk)
 
     def find(self, *, placer: str = "", accession: str = "", study_instance_uid: str = "") -> Order | None:
         with self.session() as session:
@@ -342,14 +345,7 @@ class Orders:
             changed.append("steps")
         if changed:
             order.updated_at = utcnow()
-            order.events.append(
-                OrderEvent(
-                    source=source,
-                    from_status=order.status,
-                    to_status=order.status,
-                    detail="changed: " + ", ".join(changed),
-                )
-            )
+            self._note(order, source, "changed: " + ", ".join(changed))
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -358,9 +354,7 @@ class Orders:
         if status not in ENDED:
             raise OrderError(f"an order ends as {CANCELLED} or {DISCONTINUED}, not {status}")
         with self.session() as session, session.begin():
-            order = self._load(session, Order.pk == order_pk)
-            if order is None:
-                raise OrderNotFound(f"no order {order_pk}")
+            order = self._open(session, order_pk)
             if order.status == status:
                 return order
             allowed = (SCHEDULED,) if status == CANCELLED else (SCHEDULED, IN_PROGRESS)
@@ -377,9 +371,7 @@ class Orders:
         if status not in _PROGRESS:
             raise OrderError(f"{status} is not a step of the normal flow")
         with self.session() as session, session.begin():
-            order = self._load(session, Order.pk == order_pk)
-            if order is None:
-                raise OrderNotFound(f"no order {order_pk}")
+            order = self._open(session, order_pk)
             if order.status in ENDED:
                 raise OrderConflict(f"order {order.accession_number} is {order.status}")
             if _PROGRESS[status] > _PROGRESS[order.status] or (status == REPORTED_FINAL and detail):
@@ -390,27 +382,23 @@ class Orders:
         """Record that the order was performed as `study_uid` (the modality may have made its own UID), and that
         its images are available."""
         with self.session() as session, session.begin():
-            order = self._load(session, Order.pk == order_pk)
-            if order is None:
-                raise OrderNotFound(f"no order {order_pk}")
+            order = self._open(session, order_pk)
             if order.status in ENDED:
                 raise OrderConflict(f"order {order.accession_number} is {order.status}")
             if order.study_instance_uid != study_uid:
                 other = self._load(session, Order.study_instance_uid == study_uid)
                 if other is not None:
                     raise OrderConflict(f"study {study_uid} is already linked to order {other.accession_number}")
-                order.events.append(
-                    OrderEvent(
-                        source=source,
-                        from_status=order.status,
-                        to_status=order.status,
-                        detail=f"study {study_uid} linked (worklist gave {order.study_instance_uid})",
-                    )
-                )
+                self._note(order, source, f"study {study_uid} linked (worklist gave {order.study_instance_uid})")
                 order.study_instance_uid = study_uid
-            if _PROGRESS.get(order.status, 99) < _PROGRESS[IMAGES_AVAILABLE]:
+            if _PROGRESS[IMAGES_AVAILABLE] > _PROGRESS[order.status]:
                 self._record(order, IMAGES_AVAILABLE, source, f"images of study {study_uid} stored")
         return self.get(order_pk)
+
+    @staticmethod
+    def _note(order: Order, source: str, detail: str) -> None:
+        """An event that changes no status (fields changed, study linked, patient updated or merged)."""
+        order.events.append(OrderEvent(source=source, from_status=order.status, to_status=order.status, detail=detail))
 
     @staticmethod
     def _record(order: Order, status: str, source: str, detail: str) -> None:
@@ -420,9 +408,7 @@ class Orders:
 
     def set_step_status(self, order_pk: int, sps_ids: Sequence[str], status: str) -> None:
         with self.session() as session, session.begin():
-            order = self._load(session, Order.pk == order_pk)
-            if order is None:
-                raise OrderNotFound(f"no order {order_pk}")
+            order = self._open(session, order_pk)
             for step in order.steps:
                 if not sps_ids or step.sps_id in sps_ids:
                     step.status = status
@@ -438,47 +424,36 @@ class Orders:
         if "patient_name" in values:
             values["patient_name"] = nfc(values["patient_name"])
         with self.session() as session, session.begin():
-            orders = session.execute(
-                select(Order).where(Order.patient_id == patient_id, Order.issuer_of_patient_id.in_({issuer, ""}))
-            ).scalars()
             count = 0
-            for order in orders:
+            for order in self._of_patient(session, patient_id, issuer):
                 changed = [k for k, v in values.items() if getattr(order, k) != v]
                 if not changed:
                     continue
                 for k in changed:
                     setattr(order, k, values[k])
                 order.patient_name_key = search_key(order.patient_name)
-                order.events.append(
-                    OrderEvent(
-                        source=source,
-                        from_status=order.status,
-                        to_status=order.status,
-                        detail=(detail or "patient updated") + ": " + ", ".join(changed),
-                    )
-                )
+                self._note(order, source, (detail or "patient updated") + ": " + ", ".join(changed))
                 count += 1
         return count
 
     def merge_patient(self, survivor: tuple[str, str], merged: tuple[str, str], *, source: str) -> int:
         """Move the merged patient's orders to the surviving PatientID (ADT^A40). Returns orders moved."""
         with self.session() as session, session.begin():
-            orders = session.execute(
-                select(Order).where(Order.patient_id == merged[0], Order.issuer_of_patient_id.in_({merged[1], ""}))
-            ).scalars()
             count = 0
-            for order in orders:
-                order.events.append(
-                    OrderEvent(
-                        source=source,
-                        from_status=order.status,
-                        to_status=order.status,
-                        detail=f"patient {merged[0]} merged into {survivor[0]}",
-                    )
-                )
+            for order in self._of_patient(session, *merged):
+                self._note(order, source, f"patient {merged[0]} merged into {survivor[0]}")
                 order.patient_id, order.issuer_of_patient_id = survivor
                 count += 1
         return count
+
+    @staticmethod
+    def _of_patient(session: Session, patient_id: str, issuer: str) -> list[Order]:
+        """The patient's orders; orders placed without an issuer match any issuer."""
+        return list(
+            session.execute(
+                select(Order).where(Order.patient_id == patient_id, Order.issuer_of_patient_id.in_({issuer, ""}))
+            ).scalars()
+        )
 
 
 def _step(step: StepIn, index: int, accession: str) -> ProcedureStep:

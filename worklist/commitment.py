@@ -158,19 +158,6 @@ def event_information(transaction_uid: str, outcome: Outcome, retrieve_ae: str) 
     return ds
 
 
-def _aet(value: Any) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return str(value or "").strip()
-
-
-def _refused(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[: status.ERROR_COMMENT_MAX]
-    return ds
-
-
 class StorageCommitment:
     """The Storage Commitment Push Model SCP."""
 
@@ -198,12 +185,12 @@ class StorageCommitment:
     # ---- N-ACTION -------------------------------------------------------------------------------------------
 
     def n_action(self, event: Any) -> tuple[Any, Dataset | None]:
-        calling = _aet(event.assoc.requestor.ae_title)
+        calling = status.calling_ae(event)
         if event.action_type != REQUEST_STORAGE_COMMITMENT:
-            return _refused(status.NO_SUCH_ACTION, f"no action type {event.action_type}"), None
+            return status.failure(status.NO_SUCH_ACTION, f"no action type {event.action_type}"), None
         instance = str(event.request.RequestedSOPInstanceUID or "")
         if instance != STORAGE_COMMITMENT_INSTANCE:
-            return _refused(status.INVALID_OBJECT_INSTANCE, f"not the well-known instance: {instance}"), None
+            return status.failure(status.INVALID_OBJECT_INSTANCE, f"not the well-known instance: {instance}"), None
         try:
             info = event.action_information
             transaction = str(info.get("TransactionUID", "") or "").strip()
@@ -212,11 +199,11 @@ class StorageCommitment:
                 for item in info.get("ReferencedSOPSequence") or []
             ]
         except (AttributeError, ValueError, TypeError) as exc:
-            return _refused(status.INVALID_ARGUMENT_VALUE, f"malformed request: {exc}"), None
+            return status.failure(status.INVALID_ARGUMENT_VALUE, f"malformed request: {exc}"), None
         if not transaction:
-            return _refused(status.INVALID_ARGUMENT_VALUE, "TransactionUID missing"), None
+            return status.failure(status.INVALID_ARGUMENT_VALUE, "TransactionUID missing"), None
         if not refs or any(not cls or not uid for cls, uid in refs):
-            return _refused(status.INVALID_ARGUMENT_VALUE, "ReferencedSOPSequence empty or incomplete"), None
+            return status.failure(status.INVALID_ARGUMENT_VALUE, "ReferencedSOPSequence empty or incomplete"), None
         log.info("storage commitment %s from %s: %d instance(s)", transaction, calling, len(refs))
         threading.Thread(
             target=self._commit,

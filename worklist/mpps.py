@@ -124,12 +124,7 @@ class MppsError(Exception):
         self.error_id = error_id
 
     def status(self) -> Dataset:
-        ds = Dataset()
-        ds.Status = self.code
-        ds.ErrorComment = self.comment.replace("\\", "/")[: status.ERROR_COMMENT_MAX]
-        if self.error_id is not None:
-            ds.ErrorID = self.error_id
-        return ds
+        return status.failure(self.code, self.comment, self.error_id)
 
 
 def _empty(value: Any) -> bool:
@@ -279,7 +274,7 @@ class PerformedProcedureSteps:
     # ---- N-CREATE -------------------------------------------------------------------------------------------
 
     def n_create(self, event: Any) -> tuple[Any, Dataset | None]:
-        calling = _aet(event.assoc.requestor.ae_title)
+        calling = status.calling_ae(event)
         uid = str(event.request.AffectedSOPInstanceUID or "").strip()
         reply: Dataset | None = None
         if not uid:
@@ -332,7 +327,7 @@ class PerformedProcedureSteps:
     # ---- N-SET ----------------------------------------------------------------------------------------------
 
     def n_set(self, event: Any) -> tuple[Any, Dataset | None]:
-        calling = _aet(event.assoc.requestor.ae_title)
+        calling = status.calling_ae(event)
         uid = str(event.request.RequestedSOPInstanceUID or "").strip()
         try:
             mods = event.modification_list
@@ -387,9 +382,3 @@ def _to_json(ds: Dataset) -> str:
     data = ds.to_json_dict()
     data["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
     return json.dumps(data, ensure_ascii=False)
-
-
-def _aet(value: Any) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return str(value or "").strip()

@@ -308,12 +308,6 @@ def answer(full: Dataset, request: Dataset, *, ascii_only: bool) -> Dataset:
 # ---- the SCP ---------------------------------------------------------------------------------------------------
 
 
-def _aet(value: Any) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return str(value or "").strip()
-
-
 class ModalityWorklist:
     """The Modality Worklist C-FIND SCP over the RIS tables."""
 
@@ -337,7 +331,7 @@ class ModalityWorklist:
 
     def find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         """pynetdicom C-FIND handler: pending answers, then success (or the failure status)."""
-        calling = _aet(event.assoc.requestor.ae_title)
+        calling = status.calling_ae(event)
         try:
             request = event.identifier
             query = WorklistQuery(request)
@@ -346,12 +340,12 @@ class ModalityWorklist:
             log.warning("worklist query from %s refused: %s", calling, exc)
             yield (
                 status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-                _failure(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)),
+                status.failure(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)),
             )
             return
         except SQLAlchemyError as exc:
             log.error("worklist query from %s failed, database unavailable: %s", calling, exc)
-            yield status.OUT_OF_RESOURCES, _failure(status.OUT_OF_RESOURCES, "database unavailable")
+            yield status.OUT_OF_RESOURCES, status.failure(status.OUT_OF_RESOURCES, "database unavailable")
             return
         pending = status.PENDING_WARNING if query.unsupported else status.PENDING
         ascii_only = calling in self.ascii_aes
@@ -362,10 +356,3 @@ class ModalityWorklist:
                 return
             yield pending, answer(worklist_item(order, step), request, ascii_only=ascii_only)
         yield status.SUCCESS, None
-
-
-def _failure(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment.replace("\\", "/")[: status.ERROR_COMMENT_MAX]
-    return ds

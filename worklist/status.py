@@ -5,6 +5,10 @@ Kept here rather than in pacs/status.py: worklist/ does not import pacs/.
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydicom.dataset import Dataset
+
 SUCCESS = 0x0000
 
 # C-FIND (Modality Worklist, PS3.4 K.4.1.1.4)
@@ -33,3 +37,21 @@ MPPS_MAY_NO_LONGER_BE_UPDATED = 0xA710
 MPPS_MAY_NO_LONGER_BE_UPDATED_COMMENT = "Performed Procedure Step Object may no longer be updated"
 
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+
+
+def failure(code: int, comment: str, error_id: int | None = None) -> Dataset:
+    """A status dataset with its ErrorComment (LO: no backslash, 64 characters) and, if given, its Error ID."""
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment.replace("\\", "/")[:ERROR_COMMENT_MAX]
+    if error_id is not None:
+        ds.ErrorID = error_id
+    return ds
+
+
+def calling_ae(event: Any) -> str:
+    """The calling AE title of a pynetdicom event's association, stripped."""
+    value = event.assoc.requestor.ae_title
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()

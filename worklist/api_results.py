@@ -11,19 +11,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.models import Patient, Study
+from worklist.fhir import FhirError, fhir_response, outcome
 from worklist.models import Order, OutboundMessage, Report
 from worklist.outbound import Outbound, outbound_dict
 from worklist.results import diagnostic_report, imaging_study, load_report, xml4_document, xml4_rows
 
-FHIR_JSON = "application/fhir+json"
 
-
-def _fhir(resource: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(resource, media_type=FHIR_JSON)
-
-
-def _bundle(resources: list[dict[str, Any]]) -> JSONResponse:
-    return _fhir(
+def _bundle(resources: list[dict[str, Any]]) -> Response:
+    return fhir_response(
         {
             "resourceType": "Bundle",
             "type": "searchset",
@@ -33,15 +28,8 @@ def _bundle(resources: list[dict[str, Any]]) -> JSONResponse:
     )
 
 
-def _not_found(what: str) -> JSONResponse:
-    return JSONResponse(
-        {
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "not-found", "diagnostics": what}],
-        },
-        status_code=404,
-        media_type=FHIR_JSON,
-    )
+def _not_found(what: str) -> Response:
+    return outcome(FhirError(404, "not-found", what))
 
 
 def _base_url(request: Request) -> str:
@@ -88,17 +76,17 @@ def router(outbound: Outbound, *, dependencies: Sequence[Any] = ()) -> APIRouter
     # ---- FHIR --------------------------------------------------------------------------------------------------
 
     @api.get("/fhir/DiagnosticReport/{pk}", tags=["fhir"], summary="A report as a FHIR DiagnosticReport")
-    def read_report(request: Request, pk: str) -> JSONResponse:
+    def read_report(request: Request, pk: str) -> Response:
         if not pk.isdigit():
             return _not_found(f"no DiagnosticReport {pk}")
         with Session(engine) as session:
             found = load_report(session, int(pk))
             if found is None:
                 return _not_found(f"no DiagnosticReport {pk}")
-            return _fhir(diagnostic_report(*found, base_url=outbound.public_url or _base_url(request)))
+            return fhir_response(diagnostic_report(*found, base_url=outbound.public_url or _base_url(request)))
 
     @api.get("/fhir/DiagnosticReport", tags=["fhir"], summary="Search reports by study, accession or patient")
-    def search_reports(request: Request) -> JSONResponse:
+    def search_reports(request: Request) -> Response:
         params = request.query_params
         stmt = select(Report.pk).outerjoin(Order, Report.order_pk == Order.pk).order_by(Report.pk)
         if study := params.get("study"):
@@ -113,13 +101,13 @@ def router(outbound: Outbound, *, dependencies: Sequence[Any] = ()) -> APIRouter
             return _bundle([diagnostic_report(*f, base_url=base) for f in found if f is not None])
 
     @api.get("/fhir/ImagingStudy/{uid}", tags=["fhir"], summary="A stored study as a FHIR ImagingStudy")
-    def read_study(uid: str, request: Request) -> JSONResponse:
+    def read_study(uid: str, request: Request) -> Response:
         with Session(engine) as session:
             resource = imaging_study(session, uid, base_url=_base_url(request))
-        return _fhir(resource) if resource is not None else _not_found(f"no ImagingStudy {uid}")
+        return fhir_response(resource) if resource is not None else _not_found(f"no ImagingStudy {uid}")
 
     @api.get("/fhir/ImagingStudy", tags=["fhir"], summary="Search stored studies by patient identifier or accession")
-    def search_studies(request: Request) -> JSONResponse:
+    def search_studies(request: Request) -> Response:
         params = request.query_params
         stmt = select(Study.study_instance_uid).join(Patient, Study.patient_pk == Patient.pk).order_by(Study.pk)
         if patient := params.get("subject:identifier") or params.get("patient"):

@@ -40,6 +40,7 @@ from worklist.models import (
     REPORTED_FINAL,
     REPORTED_PRELIMINARY,
     SCHEDULED,
+    VIETNAM,
     Order,
 )
 from worklist.orders import OrderConflict, OrderError, OrderNotFound, Orders
@@ -48,7 +49,6 @@ FHIR_JSON = "application/fhir+json"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 DICOM_UID = "urn:dicom:uid"
-VIETNAM = dt.timezone(dt.timedelta(hours=7))  # times are kept as the hospital's wall clock; Việt Nam is UTC+7
 
 # Order status → ServiceRequest.status, and back for searches.
 STATUS_OUT = {
@@ -257,7 +257,8 @@ def order_values(orders: Orders, sr: ServiceRequest) -> tuple[dict[str, str], li
 # ---- writing a ServiceRequest ---------------------------------------------------------------------------------
 
 
-def _identifier(code: str, value: str, **extra: Any) -> dict[str, Any]:
+def typed_identifier(code: str, value: str, **extra: Any) -> dict[str, Any]:
+    """An Identifier with its HL7 v2-0203 type (PI, NI, SB, ACSN, PLAC, FILL)."""
     return {"type": {"coding": [{"system": V2_0203, "code": code}]}, "value": value, **extra}
 
 
@@ -273,7 +274,7 @@ def to_fhir(order: Order) -> dict[str, Any]:
         "resourceType": "Patient",
         "id": "p1",
         "identifier": [
-            _identifier(
+            typed_identifier(
                 TYPE_HOSPITAL,
                 order.patient_id,
                 **({"assigner": {"display": order.issuer_of_patient_id}} if order.issuer_of_patient_id else {}),
@@ -284,19 +285,19 @@ def to_fhir(order: Order) -> dict[str, Any]:
     if given:
         patient["name"][0]["given"] = given.split()
     if order.cccd:
-        patient["identifier"].append(_identifier(TYPE_CCCD, order.cccd))
+        patient["identifier"].append(typed_identifier(TYPE_CCCD, order.cccd))
     if order.bhyt:
-        patient["identifier"].append(_identifier(TYPE_BHYT, order.bhyt))
+        patient["identifier"].append(typed_identifier(TYPE_BHYT, order.bhyt))
     if order.patient_sex in GENDER_OUT:
         patient["gender"] = GENDER_OUT[order.patient_sex]
     if len(order.patient_birth_date) == 8:
         b = order.patient_birth_date
         patient["birthDate"] = f"{b[:4]}-{b[4:6]}-{b[6:]}"
-    identifiers = [_identifier("ACSN", order.accession_number)]
+    identifiers = [typed_identifier("ACSN", order.accession_number)]
     if order.placer_order_number:
-        identifiers.insert(0, _identifier("PLAC", order.placer_order_number))
+        identifiers.insert(0, typed_identifier("PLAC", order.placer_order_number))
     if order.filler_order_number:
-        identifiers.append(_identifier("FILL", order.filler_order_number))
+        identifiers.append(typed_identifier("FILL", order.filler_order_number))
     identifiers.append({"system": DICOM_UID, "value": f"urn:oid:{order.study_instance_uid}"})
     resource: dict[str, Any] = {
         "resourceType": "ServiceRequest",

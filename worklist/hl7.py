@@ -167,11 +167,15 @@ def birth_date(value: str) -> str:
     return timestamp(value, ("PID", 7))[0]
 
 
-def _escape(text: str) -> str:
-    text = " ".join(text.split())
+def escape_delimiters(text: str) -> str:
+    """HL7 escape sequences for the delimiters (v2.5 2.7): \\E\\ \\F\\ \\S\\ \\T\\ \\R\\."""
     for char, seq in (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
         text = text.replace(char, seq)
     return text
+
+
+def _escape(text: str) -> str:
+    return escape_delimiters(" ".join(text.split()))
 
 
 # ---- the patient ----------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from storage.models import NAMING, PN, UID, utcnow
 
+# The hospital's wall clock: what HL7, DICOM dates, XML4 and the reports mean by local time (Việt Nam, UTC+7).
+VIETNAM = dt.timezone(dt.timedelta(hours=7), "ICT")
+
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)

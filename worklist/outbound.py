@@ -19,15 +19,17 @@ from typing import Any
 from urllib.parse import urlparse
 
 from celery import Celery
+from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from worklist import key_images as keyimg
-from worklist.models import Order, OutboundMessage, Report, ReportVersion, utcnow
+from worklist.hl7 import escape_delimiters
+from worklist.models import VIETNAM, Order, OutboundMessage, Report, ReportVersion, utcnow
 
 log = logging.getLogger(__name__)
 
-START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
+END_OF_FRAME = END_BLOCK + CARRIAGE_RETURN
 PENDING, SENT = "PENDING", "SENT"
 LEASE_SECONDS = 60  # an attempt that dies (killed worker) frees its message after this
 SWEEP_SECONDS = 30
@@ -41,14 +43,13 @@ class DeliveryError(Exception):
 
 
 def hl7_escape(text: str) -> str:
-    """Escape HL7 delimiters (PS: v2.5 2.7) and turn line breaks into \\.br\\ (formatted text)."""
-    out = text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("&", "\\T\\")
-    out = out.replace("~", "\\R\\")
-    return "\\.br\\".join(out.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    """Escape HL7 delimiters and turn line breaks into \\.br\\ (formatted text)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\\.br\\".join(escape_delimiters(line) for line in lines)
 
 
 def hl7_ts(value: dt.datetime | None) -> str:
-    return (value or utcnow()).astimezone(dt.timezone(dt.timedelta(hours=7))).strftime("%Y%m%d%H%M%S")
+    return (value or utcnow()).astimezone(VIETNAM).strftime("%Y%m%d%H%M%S")
 
 
 def _xpn(name: str) -> str:
@@ -131,16 +132,16 @@ def send_mllp(url: str, message: str, *, timeout: float = 10.0) -> str:
     try:
         with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(START_BLOCK + message.encode("utf-8") + END_BLOCK)
+            sock.sendall(START_BLOCK + message.encode("utf-8") + END_OF_FRAME)
             answer = b""
-            while END_BLOCK not in answer:
+            while END_OF_FRAME not in answer:
                 chunk = sock.recv(65536)
                 if not chunk:
                     raise DeliveryError("the HIS closed the connection without an ACK")
                 answer += chunk
     except OSError as exc:
         raise DeliveryError(f"cannot reach the HIS at {parsed.hostname}:{parsed.port}: {exc}") from exc
-    ack = answer.split(START_BLOCK, 1)[-1].split(END_BLOCK, 1)[0].decode("utf-8", "replace")
+    ack = answer.split(START_BLOCK, 1)[-1].split(END_OF_FRAME, 1)[0].decode("utf-8", "replace")
     msa = next((s for s in ack.replace("\n", "\r").split("\r") if s.startswith("MSA")), "")
     code = msa.split("|")[1] if msa.count("|") >= 1 else ""
     if code not in ("AA", "CA"):

@@ -12,12 +12,13 @@ from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worklist.models import VIETNAM
+
 if TYPE_CHECKING:
     from fpdf import FPDF
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 FONT_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
-VIETNAM = dt.timezone(dt.timedelta(hours=7), "ICT")
 TITLE = "PHIẾU KẾT QUẢ CHẨN ĐOÁN HÌNH ẢNH"
 
 SEX = {"M": "Nam", "F": "Nữ", "O": "Khác"}

@@ -18,11 +18,10 @@ from sqlalchemy.orm import Session, selectinload
 
 from storage.models import Instance, Patient, Series, Study
 from worklist import key_images as keyimg
-from worklist.models import Order, Report, ReportVersion
+from worklist.fhir import DCM, DICOM_UID, typed_identifier
+from worklist.identity import TYPE_BHYT, TYPE_CCCD, TYPE_HOSPITAL
+from worklist.models import VIETNAM, Order, Report, ReportVersion
 
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
-DICOM_UID = "urn:dicom:uid"
-VN_TZ = dt.timezone(dt.timedelta(hours=7))
 SIGNED_STATUSES = ("FINAL", "AMENDED")
 
 
@@ -32,16 +31,16 @@ def latest_signed(report: Report) -> ReportVersion | None:
 
 
 def _patient_identifiers(patient_id: str, cccd: str = "", bhyt: str = "") -> list[dict[str, Any]]:
-    ids = [{"type": {"coding": [{"system": V2_0203, "code": "PI"}]}, "value": patient_id}]
+    ids = [typed_identifier(TYPE_HOSPITAL, patient_id)]
     if cccd:
-        ids.append({"type": {"coding": [{"system": V2_0203, "code": "NI"}]}, "value": cccd})
+        ids.append(typed_identifier(TYPE_CCCD, cccd))
     if bhyt:
-        ids.append({"type": {"coding": [{"system": V2_0203, "code": "SB"}]}, "value": bhyt})
+        ids.append(typed_identifier(TYPE_BHYT, bhyt))
     return ids
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    return value.astimezone(VN_TZ).isoformat(timespec="seconds") if value else None
+    return value.astimezone(VIETNAM).isoformat(timespec="seconds") if value else None
 
 
 # ---- FHIR DiagnosticReport ------------------------------------------------------------------------------------
@@ -100,14 +99,7 @@ def diagnostic_report(report: Report, order: Order | None, *, base_url: str = ""
             "identifier": _patient_identifiers(order.patient_id, order.cccd, order.bhyt)[0],
             "display": order.patient_name.replace("^", " "),
         }
-        resource["basedOn"] = [
-            {
-                "identifier": {
-                    "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
-                    "value": order.accession_number,
-                }
-            }
-        ]
+        resource["basedOn"] = [{"identifier": typed_identifier("ACSN", order.accession_number)}]
         if order.episode_id:
             resource["encounter"] = {"identifier": {"value": order.episode_id}}
     if version.author_name or version.author_code:
@@ -169,14 +161,14 @@ def imaging_study(session: Session, study_uid: str, *, base_url: str) -> dict[st
     started = None
     if study.study_date:
         t = (study.study_time or "000000").split(".")[0].ljust(6, "0")
-        started = dt.datetime.strptime(study.study_date + t[:6], "%Y%m%d%H%M%S").replace(tzinfo=VN_TZ).isoformat()
+        started = dt.datetime.strptime(study.study_date + t[:6], "%Y%m%d%H%M%S").replace(tzinfo=VIETNAM).isoformat()
     resource: dict[str, Any] = {
         "resourceType": "ImagingStudy",
         "id": study_uid,
         "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{study_uid}"}],
         "status": "available",
         "subject": {
-            "identifier": {"type": {"coding": [{"system": V2_0203, "code": "PI"}]}, "value": patient.patient_id},
+            "identifier": typed_identifier(TYPE_HOSPITAL, patient.patient_id),
             "display": patient.patient_name.replace("^", " "),
         },
         "numberOfSeries": len(series_rows),
@@ -186,7 +178,7 @@ def imaging_study(session: Session, study_uid: str, *, base_url: str) -> dict[st
             {
                 "uid": s.series_instance_uid,
                 "number": s.series_number,
-                "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": s.modality or "OT"},
+                "modality": {"system": DCM, "code": s.modality or "OT"},
                 "description": s.series_description or None,
                 "numberOfInstances": count,
             }
@@ -194,9 +186,7 @@ def imaging_study(session: Session, study_uid: str, *, base_url: str) -> dict[st
         ],
     }
     if study.accession_number:
-        resource["identifier"].append(
-            {"type": {"coding": [{"system": V2_0203, "code": "ACSN"}]}, "value": study.accession_number}
-        )
+        resource["identifier"].append(typed_identifier("ACSN", study.accession_number))
     if started:
         resource["started"] = started
     if study.study_description:
@@ -235,7 +225,7 @@ def xml4_rows(session: Session, episode_id: str) -> list[dict[str, str]]:
             version = latest_signed(report)
             if version is None:
                 continue
-            when = (version.signed_at or version.created_at).astimezone(VN_TZ)
+            when = (version.signed_at or version.created_at).astimezone(VIETNAM)
             rows.append(
                 (
                     when,

@@ -104,8 +104,6 @@ class Warmer:
         self._stopping = threading.Event()
         self._last = 0.0
         self._thread: threading.Thread | None = None
-        self.idle = threading.Event()
-        self.idle.set()
 
     def notice(self, result: IngestResult) -> None:
         if result.outcome != "stored":
@@ -123,7 +121,6 @@ class Warmer:
         with self._lock:
             self._pending[obj.sha256] = obj
             self._last = time.monotonic()
-        self.idle.clear()
         self._arrived.set()
 
     def start(self) -> None:
@@ -155,7 +152,6 @@ class Warmer:
                     for obj in chunk:
                         del self._pending[obj.sha256]
                 if not chunk:
-                    self.idle.set()
                     break
                 try:
                     headers(self.engine, self.blobs, chunk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -33,23 +34,24 @@ class Reconciler:
     """Links stored studies to orders in the background (an Archive listener plus a worker thread)."""
 
     RECHECK_SECONDS = 10.0  # a study with no order yet is looked at again at most this often
+    REMEMBERED = 100_000  # studies remembered; past that the memory starts afresh
 
     def __init__(self, orders: Orders) -> None:
         self.orders = orders
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
-        self._linked: set[str] = set()
-        self._checked: dict[str, float] = {}
+        # Study UID → when it was last looked at; math.inf once linked (never again).
+        self._seen: dict[str, float] = {}
         self._thread: threading.Thread | None = None
-        self.idle = threading.Event()
-        self.idle.set()
 
     # Archive listener: called on the storing thread, must return at once.
     def notice(self, result: IngestResult) -> None:
         uid = result.study_instance_uid
-        if uid in self._linked or time.monotonic() - self._checked.get(uid, -1e9) < self.RECHECK_SECONDS:
+        now = time.monotonic()
+        if now - self._seen.get(uid, -math.inf) < self.RECHECK_SECONDS:
             return
-        self._checked[uid] = time.monotonic()
-        self.idle.clear()
+        if len(self._seen) >= self.REMEMBERED:
+            self._seen.clear()
+        self._seen[uid] = now
         self._queue.put((uid, result.accession_number))
 
     def start(self) -> None:
@@ -71,9 +73,7 @@ class Reconciler:
                 self.link(*item)
             except Exception:  # the database may be down; the next object of the study tries again
                 log.exception("reconciling study %s failed", item[0])
-                self._checked.pop(item[0], None)
-            if self._queue.empty():
-                self.idle.set()
+                self._seen.pop(item[0], None)
 
     def link(self, study_uid: str, accession: str) -> Order | None:
         """Link `study_uid` to its order if there is one; returns the order."""
@@ -83,9 +83,7 @@ class Reconciler:
         if order is None or order.status in ENDED:
             return None
         linked = self.orders.link_study(order.pk, study_uid, source="ingest")
-        self._linked.add(study_uid)
-        if len(self._linked) > 100_000:
-            self._linked.clear()
+        self._seen[study_uid] = math.inf
         return linked
 
 

@@ -43,6 +43,7 @@ from bench.ingest import (
     cfind_count,
     have_storescu,
     prepare_ct_set,
+    prepare_dataset,
     push,
     verify,
     warm_page_cache,
@@ -554,16 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not have_storescu(console):
         return 2
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    ct = prepare_ct_set(
-        args.cache_dir,
-        studies=args.studies,
-        series=args.series,
-        slices=args.slices,
-        rows=args.rows,
-        cols=args.cols,
-        seed=args.seed,
-        console=console,
-    )
+    ct = prepare_dataset(args, console)
     large = prepare_ct_set(
         args.cache_dir,
         studies=1,

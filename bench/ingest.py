@@ -493,6 +493,20 @@ def have_storescu(console: Console) -> bool:
     return False
 
 
+def prepare_dataset(args: argparse.Namespace, console: Console) -> BenchSet:
+    """The CT set `add_dataset_args` describes, generated once into the cache folder."""
+    return prepare_ct_set(
+        args.cache_dir,
+        studies=args.studies,
+        series=args.series,
+        slices=args.slices,
+        rows=args.rows,
+        cols=args.cols,
+        seed=args.seed,
+        console=console,
+    )
+
+
 def add_dataset_args(p: argparse.ArgumentParser, *, slices: int) -> None:
     """The synthetic data set's shape, shared by the benchmarks."""
     p.add_argument("--studies", type=int, default=10)
@@ -545,16 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not have_storescu(console):
         return 2
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    ct = prepare_ct_set(
-        args.cache_dir,
-        studies=args.studies,
-        series=args.series,
-        slices=args.slices,
-        rows=args.rows,
-        cols=args.cols,
-        seed=args.seed,
-        console=console,
-    )
+    ct = prepare_dataset(args, console)
     sets = [ct]
     large = None if args.skip_large else prepare_large(args.cache_dir, args.large_mb, console)
     if large is not None:

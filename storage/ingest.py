@@ -85,7 +85,6 @@ class IngestResult:
     size: int
     message: str = ""
     accession_number: str = ""
-    patient_id: str = ""
 
 
 @dataclass
@@ -507,7 +506,6 @@ class Archive:
             size=header.size,
             message=message,
             accession_number=_str(ds, "AccessionNumber", 16),
-            patient_id=_str(ds, "PatientID"),
         )
         for listener in self.listeners:
             try:

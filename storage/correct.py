@@ -42,6 +42,10 @@ class CorrectionError(ValueError):
     """A correction that cannot be applied (unknown attribute, bad value, unknown study)."""
 
 
+class StudyNotFound(CorrectionError):
+    pass
+
+
 @dataclass
 class Corrected:
     instances: int
@@ -100,7 +104,7 @@ def correct_study(archive: Archive, study_uid: str, changes: dict[str, str], tmp
     wanted = _check(changes)
     with archive.engine.connect() as conn:
         if conn.execute(select(Study.pk).where(Study.study_instance_uid == study_uid)).first() is None:
-            raise CorrectionError(f"no study {study_uid}")
+            raise StudyNotFound(f"no study {study_uid}")
         objects = objects_for(conn, "STUDY", {"StudyInstanceUID": study_uid})
     result = Corrected(instances=0, changes={})
     last: Dataset | None = None

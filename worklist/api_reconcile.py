@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from storage.correct import CorrectionError, correct_study
+from storage.correct import CorrectionError, StudyNotFound, correct_study
 from storage.ingest import Archive, IngestError, StorageUnavailable
 from worklist.orders import OrderConflict, OrderError, OrderNotFound, Orders
 from worklist.reconcile import corrections, order_patient_changes, record_correction, unreconciled
@@ -48,9 +48,10 @@ def router(orders: Orders, archive: Archive, tmp_dir: Path, *, dependencies: Seq
     def _correct(study_uid: str, changes: dict[str, str], who: str, why: str) -> dict[str, Any]:
         try:
             done = correct_study(archive, study_uid, changes, tmp_dir)
+        except StudyNotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
         except CorrectionError as exc:
-            status = 404 if str(exc).startswith("no study") else 400
-            raise HTTPException(status, str(exc)) from exc
+            raise HTTPException(400, str(exc)) from exc
         except StorageUnavailable as exc:
             raise HTTPException(503, exc.message) from exc
         except IngestError as exc:

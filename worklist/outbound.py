@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -199,7 +199,6 @@ class Outbound(threading.Thread):
         self.deliver_task = self.celery.task(bind=True, name="vnpacs.outbound.deliver", max_retries=None)(deliver)
         self._worker: Any = None
         self._stopping = threading.Event()
-        self.delivered: list[Callable[[int], None]] = []
 
     # ---- producing ------------------------------------------------------------------------------------------
 
@@ -338,8 +337,6 @@ class Outbound(threading.Thread):
                 row.ack = ack[:4000]
                 row.last_error = ""
                 row.lease_until = None
-        for callback in self.delivered:
-            callback(pk)
         return "sent"
 
     # ---- the in-process worker ------------------------------------------------------------------------------

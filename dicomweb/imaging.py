@@ -38,6 +38,7 @@ from storage.render import (
     NoPixelData,
     RenderOptions,
     decoded_frame,
+    decoded_frames,
     image_header,
     render,
 )
@@ -48,9 +49,10 @@ __all__ = [
     "NoPixelData",
     "RenderOptions",
     "decoded_frame",
+    "decoded_frames",
     "encoded_frames",
     "image_header",
-    "native_frame_bytes",
+    "native_frames",
     "render",
     "transcodable_syntaxes",
     "transcoded",
@@ -59,10 +61,10 @@ __all__ = [
 ]
 
 
-def native_frame_bytes(path: Path, number: int) -> bytes:
-    """Frame `number` decoded to little-endian native pixel bytes (what Explicit VR Little Endian would hold)."""
-    array, _ = decoded_frame(path, number)
-    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
+def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
+    """Frames `numbers` decoded to little-endian native pixel bytes (what Explicit VR Little Endian would hold)."""
+    arrays, _ = decoded_frames(path, numbers)
+    return [np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"))).tobytes() for a in arrays]
 
 
 # Uncompressed syntaxes any object can be written in; compressed ones get their pixel data re-encoded, losslessly.
@@ -143,8 +145,9 @@ def transcoded_to_explicit_le(path: Path) -> bytes:
     return transcoded(path, ExplicitVRLittleEndian)
 
 
-def encoded_frames(path: Path, numbers: list[int], syntax: str) -> list[bytes]:
-    """Frames `numbers` (1-based) decoded and re-encoded, each on its own, in compressed transfer syntax `syntax`."""
+def encoded_frames(path: Path, numbers: list[int] | None, syntax: str) -> list[bytes]:
+    """Frames `numbers` (1-based; None: all) decoded and re-encoded, each on its own, in compressed transfer syntax
+    `syntax`."""
     problem = transcoding_problem(syntax)
     if problem:
         raise ImagingError(problem)
@@ -158,9 +161,11 @@ def encoded_frames(path: Path, numbers: list[int], syntax: str) -> list[bytes]:
         raise ImagingError(f"{photometric} frames cannot be re-encoded without changing their colour space")
     encoder = get_encoder(ENCODE_AS.get(target, target))
     options = as_pixel_options(header, number_of_frames=1, planar_configuration=0)
+    if numbers is None:
+        numbers = list(range(1, int(header.get("NumberOfFrames", 1) or 1) + 1))
+    arrays, _ = decoded_frames(path, numbers)
     out = []
-    for number in numbers:
-        array, _ = decoded_frame(path, number)
+    for number, array in zip(numbers, arrays, strict=True):
         try:
             out.append(encoder.encode(array, **options))
         except Exception as exc:

@@ -1,10 +1,10 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
 
 Objects go out as stored, byte for byte, streamed from the blob store (`transfer-syntax=*`, or the stored syntax);
-frames are cut from the stored pixel data without decoding it. Another transfer syntax is produced by transcoding
-(dicomweb.imaging: the uncompressed little-endian ones, and lossless re-encoding into RLE and JPEG 2000, JPEG-LS
-when its encoder is installed); anything else gets 406 with the reason. Metadata comes from a cache keyed by each
-object's SHA-256 and carries an ETag.
+frames are cut from the stored pixel data without decoding it (a deflated object's after inflating it). Another
+transfer syntax is produced by transcoding (dicomweb.imaging: the uncompressed little-endian ones, and lossless
+re-encoding into RLE and JPEG 2000, JPEG-LS when its encoder is installed); anything else gets 406 with the reason.
+Metadata comes from a cache keyed by each object's SHA-256 and carries an ETag.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from storage.query import Level, StoredObject
 log = logging.getLogger(__name__)
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,11 @@ SYNTAX_MEDIA = {
     "1.2.840.10008.1.2.4.93": "image/jpx",
     **dict.fromkeys(_HTJ2K, "image/jphc"),
 }
-NATIVE_LE = (EXPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2")
+# Frames asked in any of these are native little-endian bytes, answered as Explicit VR Little Endian: PS3.18 sends
+# uncompressed frames as application/octet-stream in 1.2.840.10008.1.2.1, and the other two differ from it only in
+# how the data set around the pixel data is encoded (implicit VRs, or the whole data set deflated), which frames
+# cut out of it do not carry.
+NATIVE_LE = (EXPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2", DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)
 
 
 def _frame_syntax(accept: list[MediaRange]) -> tuple[str, str] | None:
@@ -196,23 +201,29 @@ def router(archive: Archive) -> APIRouter:
             raise HTTPException(406, f"{media} frames cannot be in transfer syntax {wanted}")
         try:
             with archive.blobs.local_file(obj.blob_key) as path:
-                info = pixels.layout(path)
-                wanted_numbers = list(numbers or range(1, info.number_of_frames + 1))
-                native_here = not info.encapsulated and info.little_endian
-                if wanted in ("*", stored) or (wanted in NATIVE_LE and native_here):
-                    syntax = stored if wanted in ("*", stored) else EXPLICIT_VR_LITTLE_ENDIAN
-                    with open(path, "rb") as fp:
-                        frames = [pixels.read_frame(fp, info, n) for n in wanted_numbers]
-                elif wanted in NATIVE_LE:
-                    syntax = EXPLICIT_VR_LITTLE_ENDIAN
-                    frames = [imaging.native_frame_bytes(path, n) for n in wanted_numbers]
-                else:
+                if wanted not in ("*", stored, *NATIVE_LE):
                     syntax = wanted
-                    for n in wanted_numbers:
-                        if not 1 <= n <= info.number_of_frames:
-                            raise IndexError(f"frame {n} out of 1..{info.number_of_frames}")
-                    frames = imaging.encoded_frames(path, wanted_numbers, wanted)
+                    frames = imaging.encoded_frames(path, numbers, wanted)
+                elif stored == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+                    # Deflate compresses the whole data set, not the pixel data: a frame has no deflated form, and
+                    # "as stored" (transfer-syntax=*, or the stored syntax named) means its native bytes, what a
+                    # client needs and what the stored file holds once inflated, labelled Explicit VR Little Endian.
+                    syntax = EXPLICIT_VR_LITTLE_ENDIAN
+                    frames = pixels.inflated_frames(path, numbers)
+                else:
+                    info = pixels.layout(path)
+                    wanted_numbers = list(numbers or range(1, info.number_of_frames + 1))
+                    native_here = not info.encapsulated and info.little_endian
+                    if wanted in ("*", stored) or native_here:
+                        syntax = stored if wanted in ("*", stored) else EXPLICIT_VR_LITTLE_ENDIAN
+                        with open(path, "rb") as fp:
+                            frames = [pixels.read_frame(fp, info, n) for n in wanted_numbers]
+                    else:
+                        syntax = EXPLICIT_VR_LITTLE_ENDIAN
+                        frames = imaging.native_frames(path, wanted_numbers)
         except IndexError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except imaging.NoPixelData as exc:
             raise HTTPException(404, str(exc)) from exc
         except imaging.ImagingError as exc:
             raise HTTPException(406, f"{exc}; ask for transfer-syntax=* to get the frames as stored") from exc

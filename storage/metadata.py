@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
@@ -39,6 +40,8 @@ def header_json(path: Path, obj: StoredObject) -> str:
     with open(path, "rb") as fp:
         ds = dcmread(fp, stop_before_pixels=True, defer_size="1 KB")
         has_pixels = fp.read(4)[:2] in (b"\xe0\x7f", b"\x7f\xe0")
+    if obj.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:  # fp was inside the deflate stream, not at a tag
+        has_pixels = "PixelData" in dcmread(path, defer_size="1 KB")
     base = ROOT + instance_path(obj)
 
     def bulk(elem: DataElement) -> str:
@@ -47,7 +50,11 @@ def header_json(path: Path, obj: StoredObject) -> str:
     body = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk,
                            suppress_invalid_tags=True)  # fmt: skip
     if has_pixels:
-        vr = "OW" if obj.transfer_syntax_uid in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") else "OB"
+        vr = (
+            "OW"
+            if obj.transfer_syntax_uid in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", DeflatedExplicitVRLittleEndian)
+            else "OB"
+        )
         body["7FE00010"] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/7FE00010"}
     body["00083002"] = {"vr": "UI", "Value": [obj.transfer_syntax_uid]}  # AvailableTransferSyntaxUID
     return json.dumps(dict(sorted(body.items())), ensure_ascii=False, separators=(",", ":"))

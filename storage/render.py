@@ -9,6 +9,7 @@ handlers (pylibjpeg codecs).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +56,31 @@ def image_header(path: Path) -> Dataset:
     return header
 
 
-def decoded_frame(path: Path, number: int) -> tuple[np.ndarray, Dataset]:
-    """Frame `number` (1-based) decoded to a native array, with the header it was decoded under."""
+def decoded_frames(path: Path, numbers: list[int]) -> tuple[Iterator[np.ndarray], Dataset]:
+    """Frames `numbers` (1-based, checked before any is decoded) decoded one by one to native arrays as they are
+    iterated, with the header they are decoded under."""
     header = image_header(path)
     frames = int(header.get("NumberOfFrames", 1) or 1)
-    if not 1 <= number <= frames:
-        raise IndexError(f"frame {number} out of 1..{frames}")
-    try:
-        return pixel_array(path, index=number - 1), header
-    except Exception as exc:  # codec missing or corrupt data
-        raise ImagingError(f"cannot decode frame {number}: {exc}") from exc
+    for number in numbers:
+        if not 1 <= number <= frames:
+            raise IndexError(f"frame {number} out of 1..{frames}")
+    # pydicom reads a file frame by frame, but not through a deflate stream: a deflated data set is inflated whole.
+    source = dcmread(path) if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian else path
+
+    def decode() -> Iterator[np.ndarray]:
+        for number in numbers:
+            try:
+                yield pixel_array(source, index=number - 1)
+            except Exception as exc:  # codec missing or corrupt data
+                raise ImagingError(f"cannot decode frame {number}: {exc}") from exc
+
+    return decode(), header
+
+
+def decoded_frame(path: Path, number: int) -> tuple[np.ndarray, Dataset]:
+    """Frame `number` (1-based) decoded to a native array, with the header it was decoded under."""
+    arrays, header = decoded_frames(path, [number])
+    return next(arrays), header
 
 
 def to_8bit(array: np.ndarray, header: Dataset, options: RenderOptions) -> np.ndarray:

@@ -556,6 +556,107 @@ def test_frames_are_re_encoded_in_a_requested_compressed_syntax(
     assert httpx.get(f"{ct_url}/frames/9", headers={"Accept": 'multipart/related; type="image/jp2"'}).status_code == 404
 
 
+# ---- deflated objects -----------------------------------------------------------------------------------------------
+
+
+def _own_copy(path: Path, out: Path, syntax: str | None = None) -> Path:
+    """`path` under UIDs of its own (pydicom's variants of one image share theirs), optionally written in `syntax`;
+    compressed pixel data is copied as it is."""
+    from pacs.synthetic import synthetic_uid
+
+    ds = dcmread(path)
+    ds.StudyInstanceUID = synthetic_uid("codec-study", out.name)
+    ds.SeriesInstanceUID = synthetic_uid("codec-series", out.name)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = synthetic_uid("codec-sop", out.name)
+    if syntax:
+        ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def codecs(embedded: VnpacsService, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stored objects in Deflated Explicit VR Little Endian (one frame, and ten)."""
+    d = tmp_path_factory.mktemp("codecs")
+    corpus = {}
+    for c in storage_corpus():
+        corpus.setdefault(c.path.name, c.path)
+    picked = {
+        "deflated": corpus["image_dfl.dcm"],
+        "deflated-multiframe": _own_copy(corpus["emri_small.dcm"], d / "deflated-multiframe.dcm",
+                                         "1.2.840.10008.1.2.1.99"),
+    }  # fmt: skip
+    assert dcmread(picked["deflated-multiframe"]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    assert all(s.Status == 0 for s in store_files(embedded.dicom_port, picked.values()).values())
+    return picked
+
+
+def _native(array: object) -> bytes:
+    import numpy as np
+
+    a = np.asarray(array)
+    return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"))).tobytes()
+
+
+@pytest.mark.parametrize("syntax", ["*", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", None])
+def test_frames_of_a_deflated_object_are_its_native_pixel_data(
+    embedded: VnpacsService, codecs: dict[str, Path], syntax: str | None
+) -> None:
+    accept = 'multipart/related; type="application/octet-stream"' + (f"; transfer-syntax={syntax}" if syntax else "")
+    multi = dcmread(codecs["deflated-multiframe"])
+    url = _instance_url(embedded, codecs["deflated-multiframe"])
+    got = httpx.get(f"{url}/frames/2,4,10", headers={"Accept": accept})
+    assert got.status_code == 200, got.text
+    # The deflate covers the whole data set, not the frames: every way of asking gets the native bytes, named so.
+    assert b"Content-Type: application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1\r\n" in got.content[:200]
+    assert _parts(got) == [_native(multi.pixel_array[i]) for i in (1, 3, 9)]
+    assert httpx.get(f"{url}/frames/11", headers={"Accept": accept}).status_code == 404
+
+    single = dcmread(codecs["deflated"])
+    one = httpx.get(f"{_instance_url(embedded, codecs['deflated'])}/frames/1", headers={"Accept": accept})
+    assert one.status_code == 200 and _parts(one) == [_native(single.pixel_array)]
+
+
+def test_a_deflated_object_has_its_pixel_data_rendered_and_re_encoded_frames(
+    embedded: VnpacsService, codecs: dict[str, Path], tmp_path: Path
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ds = dcmread(codecs["deflated"])
+    url = _instance_url(embedded, codecs["deflated"])
+    [item] = httpx.get(f"{url}/metadata").json()  # the pixel data's bulk data URI resolves to the whole of it
+    pixel = httpx.get(
+        item["7FE00010"]["BulkDataURI"], headers={"Accept": "multipart/related; type=application/octet-stream"}
+    )
+    assert pixel.status_code == 200 and _parts(pixel) == [ds.PixelData]
+
+    rendered = httpx.get(f"{url}/rendered", params={"window": "128,256", "accept": "image/png"})
+    assert rendered.status_code == 200, rendered.text
+    got = np.asarray(Image.open(io.BytesIO(rendered.content)), dtype=np.float64)
+    expected = np.clip(ds.pixel_array / 256, 0, 1) * 255  # window 0..256, no rescale in this file
+    assert got.shape == expected.shape and np.abs(got - expected).mean() < 1.0 and got.std() > 5
+    multi = codecs["deflated-multiframe"]
+    for path in (f"{url}/thumbnail", f"{_instance_url(embedded, multi)}/frames/3/rendered"):
+        image = httpx.get(path, headers={"Accept": "image/jpeg"})
+        assert image.status_code == 200 and image.content[:2] == b"\xff\xd8", path
+
+    rle = httpx.get(f"{_instance_url(embedded, multi)}/frames/3,7",
+                    headers={"Accept": 'multipart/related; type="image/dicom-rle"'})  # fmt: skip
+    assert rle.status_code == 200, rle.text
+    decoded = _decoded(multi, _parts(rle), "1.2.840.10008.1.2.5")
+    assert all(np.array_equal(d, dcmread(multi).pixel_array[i]) for d, i in zip(decoded, (2, 6), strict=True))
+
+    explicit = httpx.get(url, headers=_dicom_accept("1.2.840.10008.1.2.1"), timeout=60)
+    assert explicit.status_code == 200
+    out = tmp_path / "inflated.dcm"
+    out.write_bytes(_parts(explicit)[0])
+    assert dcmread(out).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(dcmread(out).pixel_array, ds.pixel_array)
+
+
 # ---- WADO-URI, DELETE, CORS ------------------------------------------------------------------------------------------
 
 

@@ -2,11 +2,11 @@
 
 Transcoding writes any object in Explicit or Implicit VR Little Endian or Deflated Explicit VR Little Endian, and
 re-encodes pixel data losslessly in RLE Lossless (pydicom's own encoder), JPEG 2000 Lossless and JPEG 2000
-(reversible, via pylibjpeg-openjpeg) and JPEG-LS Lossless when pyjpegls is installed. Lossy re-compression is not
-done: a lossy syntax (JPEG baseline, ...) gets a refusal naming the reason.
+(reversible, via pylibjpeg-openjpeg) and JPEG-LS Lossless (pyjpegls). Lossy re-compression is not done: a lossy
+syntax (JPEG baseline, JPEG-LS near-lossless, ...) gets a refusal naming the reason.
 
 Rendering (decode, rescale, window, 8-bit, JPEG/PNG) is `storage.render`, shared with the reports' key images; its
-names are re-exported here. Decoding uses pydicom's pixel handlers (pylibjpeg codecs).
+names are re-exported here. Decoding uses pydicom's pixel handlers (pylibjpeg and pyjpegls codecs).
 """
 
 from __future__ import annotations

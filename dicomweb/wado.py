@@ -3,8 +3,8 @@
 Objects go out as stored, byte for byte, streamed from the blob store (`transfer-syntax=*`, or the stored syntax);
 frames are cut from the stored pixel data without decoding it (a deflated object's after inflating it). Another
 transfer syntax is produced by transcoding (dicomweb.imaging: the uncompressed little-endian ones, and lossless
-re-encoding into RLE and JPEG 2000, JPEG-LS when its encoder is installed); anything else gets 406 with the reason.
-Metadata comes from a cache keyed by each object's SHA-256 and carries an ETag.
+re-encoding into RLE, JPEG 2000 and JPEG-LS); anything else gets 406 with the reason. Metadata comes from a cache
+keyed by each object's SHA-256 and carries an ETag.
 """
 
 from __future__ import annotations

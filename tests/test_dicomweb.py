@@ -416,6 +416,7 @@ LOSSLESS_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
     "1.2.840.10008.1.2.4.91",  # JPEG 2000, reversible
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
 ]
 
 
@@ -461,9 +462,10 @@ def test_retrieve_transcodes_to_each_lossless_syntax_and_the_pixels_survive(
         # DCMTK, an independent parser, reads the whole file (deflated ones included)...
         dump = subprocess.run(["dcmdump", "-q", "+E", str(out)], capture_output=True, text=True, timeout=60)
         assert dump.returncode == 0 and "E:" not in dump.stderr, (name, dump.stderr)
-        if syntax == "1.2.840.10008.1.2.5":  # ...and decodes RLE with its own codec to the same pixels
-            native = tmp_path / f"{name}-dcmdrle.dcm"
-            subprocess.run(["dcmdrle", str(out), str(native)], check=True, capture_output=True, timeout=60)
+        decoder = {"1.2.840.10008.1.2.5": "dcmdrle", "1.2.840.10008.1.2.4.80": "dcmdjpls"}.get(syntax)
+        if decoder:  # ...and decodes RLE and JPEG-LS with its own codecs to the same pixels
+            native = tmp_path / f"{name}-{decoder}.dcm"
+            subprocess.run([decoder, str(out), str(native)], check=True, capture_output=True, timeout=60)
             assert np.array_equal(dcmread(native).pixel_array, original.pixel_array), name
 
 
@@ -484,20 +486,14 @@ def test_whole_study_in_rle_with_dicomweb_client(embedded: VnpacsService, loaded
 def test_transfer_syntaxes_without_an_encoder_are_a_406_with_the_reason(
     embedded: VnpacsService, sources: dict[str, Path]
 ) -> None:
-    from pydicom.pixels import get_encoder
-    from pydicom.uid import JPEGLSLossless
-
     url = _instance_url(embedded, sources["ct"])
     lossy = httpx.get(url, headers=_dicom_accept("1.2.840.10008.1.2.4.50"))
     assert lossy.status_code == 406
     assert "no encoder into JPEG Baseline" in lossy.json()["detail"] and "1.2.840.10008.1.2.5" in lossy.json()["detail"]
     unknown = httpx.get(url, headers=_dicom_accept("1.2.3.4"))
     assert unknown.status_code == 406 and "not a transfer syntax" in unknown.json()["detail"]
-    jpeg_ls = httpx.get(url, headers=_dicom_accept(JPEGLSLossless))
-    if get_encoder(JPEGLSLossless).is_available:
-        assert jpeg_ls.status_code == 200
-    else:
-        assert jpeg_ls.status_code == 406 and "pyjpegls" in jpeg_ls.json()["detail"]
+    near_lossless = httpx.get(url, headers=_dicom_accept("1.2.840.10008.1.2.4.81"))
+    assert near_lossless.status_code == 406 and "1.2.840.10008.1.2.4.80" in near_lossless.json()["detail"]
 
 
 def _decoded(header_of: Path, frames: list[bytes], syntax: str) -> list[object]:
@@ -556,7 +552,7 @@ def test_frames_are_re_encoded_in_a_requested_compressed_syntax(
     assert httpx.get(f"{ct_url}/frames/9", headers={"Accept": 'multipart/related; type="image/jp2"'}).status_code == 404
 
 
-# ---- deflated objects -----------------------------------------------------------------------------------------------
+# ---- deflated and JPEG-LS objects -----------------------------------------------------------------------------------
 
 
 def _own_copy(path: Path, out: Path, syntax: str | None = None) -> Path:
@@ -576,7 +572,10 @@ def _own_copy(path: Path, out: Path, syntax: str | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def codecs(embedded: VnpacsService, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Stored objects in Deflated Explicit VR Little Endian (one frame, and ten)."""
+    """Stored objects in Deflated Explicit VR Little Endian (one frame, and ten) and in JPEG-LS (lossless, one frame
+    and ten; near-lossless)."""
+    from pydicom.data import get_testdata_file
+
     d = tmp_path_factory.mktemp("codecs")
     corpus = {}
     for c in storage_corpus():
@@ -585,6 +584,9 @@ def codecs(embedded: VnpacsService, tmp_path_factory: pytest.TempPathFactory) ->
         "deflated": corpus["image_dfl.dcm"],
         "deflated-multiframe": _own_copy(corpus["emri_small.dcm"], d / "deflated-multiframe.dcm",
                                          "1.2.840.10008.1.2.1.99"),
+        "jls": _own_copy(corpus["MR_small_jpeg_ls_lossless.dcm"], d / "jls.dcm"),
+        "jls-multiframe": _own_copy(corpus["emri_small_jpeg_ls_lossless.dcm"], d / "jls-multiframe.dcm"),
+        "jls-near": _own_copy(Path(str(get_testdata_file("JPEGLSNearLossless_16.dcm"))), d / "jls-near.dcm"),
     }  # fmt: skip
     assert dcmread(picked["deflated-multiframe"]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
     assert all(s.Status == 0 for s in store_files(embedded.dicom_port, picked.values()).values())
@@ -655,6 +657,67 @@ def test_a_deflated_object_has_its_pixel_data_rendered_and_re_encoded_frames(
     out.write_bytes(_parts(explicit)[0])
     assert dcmread(out).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert np.array_equal(dcmread(out).pixel_array, ds.pixel_array)
+
+
+@pytest.mark.parametrize("name", ["jls", "jls-multiframe", "jls-near"])
+def test_stored_jpeg_ls_objects_are_decoded_for_frames_and_rendered(
+    embedded: VnpacsService, codecs: dict[str, Path], name: str
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.encaps import generate_frames
+
+    ds = dcmread(codecs[name])
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    arrays = list(ds.pixel_array) if count > 1 else [ds.pixel_array]
+    last = count
+    url = _instance_url(embedded, codecs[name])
+    native = httpx.get(
+        f"{url}/frames/1,{last}", headers={"Accept": 'multipart/related; type="application/octet-stream"'}
+    )
+    assert native.status_code == 200, native.text
+    assert _parts(native) == [_native(arrays[0]), _native(arrays[last - 1])]
+
+    as_stored = httpx.get(
+        f"{url}/frames/{last}", headers={"Accept": 'multipart/related; type="image/jls"; transfer-syntax=*'}
+    )
+    assert as_stored.status_code == 200 and b"Content-Type: image/jls" in as_stored.content[:200]
+    assert _parts(as_stored) == [list(generate_frames(ds.PixelData, number_of_frames=count))[last - 1]]
+
+    rendered = httpx.get(f"{url}/frames/{last}/rendered", params={"accept": "image/png"})
+    assert rendered.status_code == 200, rendered.text
+    image = np.asarray(Image.open(io.BytesIO(rendered.content)))
+    assert image.shape == arrays[0].shape and image.std() > 5
+
+
+def test_jpeg_ls_near_lossless_is_transcoded_losslessly_to_jpeg_ls_lossless(
+    embedded: VnpacsService, codecs: dict[str, Path], tmp_path: Path
+) -> None:
+    import subprocess
+
+    import numpy as np
+
+    original = dcmread(codecs["jls-near"])
+    response = httpx.get(_instance_url(embedded, codecs["jls-near"]), headers=_dicom_accept("1.2.840.10008.1.2.4.80"))
+    assert response.status_code == 200, response.text
+    out = tmp_path / "lossless.dcm"
+    out.write_bytes(_parts(response)[0])
+    got = dcmread(out)
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80" and got["PixelData"].is_undefined_length
+    assert np.array_equal(got.pixel_array, original.pixel_array)  # the near-lossless pixels, kept exactly
+    native = tmp_path / "dcmdjpls.dcm"
+    subprocess.run(["dcmdjpls", str(out), str(native)], check=True, capture_output=True, timeout=60)
+    assert np.array_equal(dcmread(native).pixel_array, original.pixel_array)
+
+    ct_url = _instance_url(embedded, codecs["deflated-multiframe"])
+    jls = httpx.get(f"{ct_url}/frames/5", headers={"Accept": 'multipart/related; type="image/jls"'})
+    assert jls.status_code == 200 and b"Content-Type: image/jls; transfer-syntax=1.2.840.10008.1.2.4.80" in jls.content
+    [frame] = _parts(jls)
+    assert frame[:2] == b"\xff\xd8"  # a JPEG-LS codestream
+    decoded = _decoded(codecs["deflated-multiframe"], [frame], "1.2.840.10008.1.2.4.80")[0]
+    assert np.array_equal(decoded, dcmread(codecs["deflated-multiframe"]).pixel_array[4])
 
 
 # ---- WADO-URI, DELETE, CORS ------------------------------------------------------------------------------------------

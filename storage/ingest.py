@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -95,10 +98,31 @@ class _Header:
     size: int
 
 
+def _get(ds: Dataset, keyword: str) -> Any:
+    """`ds.get(keyword)` for a plain (non-sequence) attribute, converted without caching it in the dataset.
+
+    pydicom's own conversion looks the character set up again for every element it converts; ingest reads a few
+    dozen attributes of every object, so the encoding is looked up once per dataset and passed in.
+    """
+    tag = tag_for_keyword(keyword)
+    if tag is None or dictionary_VR(tag) == "SQ":
+        return ds.get(keyword)
+    raw = ds.get_item(tag)
+    if raw is None:
+        return None
+    if not isinstance(raw, RawDataElement):
+        return raw.value
+    encoding = ds.__dict__.get("_vn_encoding")
+    if encoding is None:
+        encoding = convert_encodings(ds.get("SpecificCharacterSet"))
+        ds.__dict__["_vn_encoding"] = encoding
+    return convert_raw_data_element(raw, encoding=encoding, ds=ds).value
+
+
 def _str(ds: Dataset, keyword: str, limit: int = 64) -> str:
     """A text value as stored in the index: decoded, NFC, multi-values joined by a backslash, bounded."""
     try:
-        value = ds.get(keyword)
+        value = _get(ds, keyword)
     except Exception:  # a malformed value of an optional attribute must not refuse the object
         return ""
     if value is None or value == "":
@@ -116,7 +140,7 @@ def _time(ds: Dataset, keyword: str) -> str:
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
-        value = ds.get(keyword)
+        value = _get(ds, keyword)
         if value is None or value == "":
             return None
         if isinstance(value, list | tuple) or value.__class__.__name__ == "MultiValue":
@@ -418,6 +442,10 @@ class Archive:
         # Built once: the per-instance statement is then only bound and executed (SQLAlchemy caches its SQL).
         self._insert_instance = dialect_insert(Instance).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
         self._committer = _GroupCommitter(self._index_batch)
+        # The group-commit leader's own connection, kept between batches: checking one out of the pool, resetting
+        # it on return and SQLAlchemy's per-connection setup cost more than the INSERT itself. Only the leader
+        # uses it (one batch at a time); it is dropped on any database error and opened again for the next batch.
+        self._leader_conn: Connection | None = None
         # Called after each durable store (outside the index transaction); they must return quickly.
         self.listeners: list[Callable[[IngestResult], None]] = []
 
@@ -536,10 +564,29 @@ class Archive:
         row = self._instance_row(ds, header, key, calling_ae, source, sop_class, sop_instance)
         return self._committer.submit(_IndexJob(ds, row, study_uid, series_uid, replace))
 
+    def _leader_connection(self) -> Connection:
+        conn = self._leader_conn
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._leader_conn = self.engine.connect()
+        return conn
+
+    def _drop_leader_connection(self) -> None:
+        conn, self._leader_conn = self._leader_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
     def _index_batch(self, jobs: list[_IndexJob]) -> None:
         """Index a batch of objects in one transaction; on an integrity error, one by one after a cache reset."""
         try:
-            outcomes = self._index_many(jobs)
+            try:
+                outcomes = self._index_many(jobs)
+            except SQLAlchemyError as exc:
+                self._drop_leader_connection()
+                if not getattr(exc, "connection_invalidated", False):
+                    raise
+                # The kept connection died while idle (a database restart): once more on a fresh one.
+                outcomes = self._index_many(jobs)
         except IntegrityError:
             # A cached parent row was deleted by another node: forget the caches and index each object alone.
             self.invalidate()
@@ -551,6 +598,7 @@ class Archive:
                     job.error = StorageUnavailable(f"index refused the object: {_short(exc)}")
             return
         except SQLAlchemyError as exc:
+            self._drop_leader_connection()
             self.invalidate()
             for job in jobs:
                 job.error = StorageUnavailable(f"database: {exc.__class__.__name__}: {_short(exc)}")
@@ -594,7 +642,8 @@ class Archive:
         studies: dict[str, int] = {}
         series: dict[str, int] = {}
         outcomes: list[Outcome] = []
-        with self._write_lock, self.engine.begin() as conn:
+        conn = self._leader_connection()
+        with self._write_lock, conn.begin():
             for job in jobs:
                 ds = job.ds
                 patient_key = (_str(ds, "PatientID"), _str(ds, "IssuerOfPatientID"))

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -113,6 +114,8 @@ class Series(Base):
     station_name: Mapped[str] = mapped_column(String(16), default="")
     manufacturer: Mapped[str] = mapped_column(String(64), default="")
     institution_name: Mapped[str] = mapped_column(String(64), default="")
+    # Kept by triggers on `instance` (migration 0003), whoever writes it: never set it from Python.
+    number_of_series_related_instances: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

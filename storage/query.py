@@ -2,8 +2,9 @@
 
 A query names a level (PATIENT, STUDY, SERIES, IMAGE), matching keys by DICOM keyword with their DICOM-encoded
 values, and the keys to return. Matching: universal (empty), single value, wildcards (* ?), lists (backslash),
-date/time ranges; person names and descriptions case- and accent-insensitive. Computed keys (counts,
-ModalitiesInStudy) are filled with one grouped query per page of results, never one query per row.
+date/time ranges; person names and descriptions case- and accent-insensitive. One query matches and returns the
+columns; computed keys (counts, ModalitiesInStudy) then come from one query of the page's series rows, each of which
+keeps its instance count, never from one query per row nor by counting instances.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, exists, func, or_, select
+from sqlalchemy import BindParameter, ColumnElement, Connection, Select, and_, bindparam, exists, or_, select
 
 from storage.models import Instance, Patient, PatientIdentifier, Series, Study
 from storage.text import search_key
@@ -311,100 +312,126 @@ def find(
             stmt = stmt.where(cond)
 
     model = _LEVEL_MODEL[level]
-    stmt = stmt.order_by(model.pk)
-    if offset:
-        stmt = stmt.offset(offset)
-    if limit is not None:
-        stmt = stmt.limit(limit + 1)
-    pks = [row[0] for row in conn.execute(stmt)]
-    truncated = limit is not None and len(pks) > limit
-    if truncated:
-        pks = pks[:limit]
-    if not pks:
-        return QueryResult(rows=[], truncated=False, unsupported=unsupported)
-
     wanted = {unique_key(lv) for lv in LEVELS[: depth + 1]}
     if patient_root or level == "PATIENT":
         wanted.add("PatientID")
     wanted.update(k for k in return_keys if k in ATTRIBUTES and level_index(ATTRIBUTES[k].level) <= depth)
     columns = {k: ATTRIBUTES[k].column for k in wanted if ATTRIBUTES[k].match != "computed"}
-    detail = _base(level).add_columns(*[c.label(k) for k, c in columns.items()]).where(model.pk.in_(pks))
+    # The matching query returns the columns too: a second query by primary key would cost a round trip and, in
+    # PostgreSQL, often a hash join over a whole table.
+    stmt = stmt.add_columns(*[c.label(k) for k, c in columns.items()]).order_by(model.pk)
+    if offset:
+        stmt = stmt.offset(offset)
+    if limit is not None:
+        stmt = stmt.limit(limit + 1)
     by_pk: dict[int, dict[str, Any]] = {}
-    for db_row in conn.execute(detail.add_columns(model.pk.label("_pk"))):
+    for db_row in conn.execute(stmt).all():
         mapping = db_row._mapping
-        by_pk[mapping["_pk"]] = {k: mapping[k] for k in columns}
+        by_pk[db_row[0]] = {k: mapping[k] for k in columns}
+    truncated = limit is not None and len(by_pk) > limit
+    if truncated:
+        by_pk = dict(list(by_pk.items())[:limit])
+    if not by_pk:
+        return QueryResult(rows=[], truncated=False, unsupported=unsupported)
 
     computed = [k for k in wanted if ATTRIBUTES[k].match == "computed"]
     if computed:
         _fill_computed(conn, level, computed, by_pk)
     rows: list[dict[str, Any]] = []
-    for pk in pks:
-        row = by_pk.get(pk)
-        if row is None:
-            continue
+    for row in by_pk.values():
         for keyword in return_keys:
             row.setdefault(keyword, None)
         rows.append(row)
     return QueryResult(rows=rows, truncated=truncated, unsupported=unsupported)
 
 
-# Counts: keyword -> (level, the column grouped on, the counted column, joins from the grouped table).
-_COUNTS: dict[str, tuple[Level, Any, Any, tuple[tuple[Any, Any], ...]]] = {
-    "NumberOfPatientRelatedStudies": ("PATIENT", Study.patient_pk, Study.pk, ()),
-    "NumberOfPatientRelatedSeries": ("PATIENT", Study.patient_pk, Series.pk, ((Series, Series.study_pk == Study.pk),)),
-    "NumberOfPatientRelatedInstances": (
-        "PATIENT",
-        Study.patient_pk,
-        Instance.pk,
-        ((Series, Series.study_pk == Study.pk), (Instance, Instance.series_pk == Series.pk)),
-    ),
-    "NumberOfStudyRelatedSeries": ("STUDY", Series.study_pk, Series.pk, ()),
-    "NumberOfStudyRelatedInstances": (
-        "STUDY",
-        Series.study_pk,
-        Instance.pk,
-        ((Instance, Instance.series_pk == Series.pk),),
-    ),
-    "NumberOfSeriesRelatedInstances": ("SERIES", Instance.series_pk, Instance.pk, ()),
-}
+_SERIES_COUNTS = {"NumberOfStudyRelatedSeries", "NumberOfPatientRelatedSeries"}
+
+
+def _page(pks: list[int]) -> BindParameter[Any]:
+    """A page's primary keys for IN: integers written into the SQL, not one bound parameter each (100 parameters
+    cost more to bind and convert, in SQLAlchemy and psycopg, than the query takes to run)."""
+    return bindparam("pks", pks, expanding=True, literal_execute=True, unique=True)
+
+
+def _summaries(conn: Connection, level: Level, pks: list[int]) -> dict[int, dict[str, Any]]:
+    """The counts and ModalitiesInStudy of a page of patients, studies or series, from one query of series rows.
+
+    Each series carries its instance count (kept by triggers, see migration 0003), so a page of studies reads a few
+    series rows per study instead of counting the index entries of every one of their instances.
+    """
+    per_pk: dict[int, dict[str, Any]] = {
+        pk: {"studies": set(), "series": 0, "instances": 0, "modalities": set()} for pk in pks
+    }
+    count = Series.number_of_series_related_instances
+    stmt: Any
+    if level == "SERIES":
+        stmt = select(Series.pk, Series.pk, Series.modality, count).where(Series.pk.in_(_page(pks)))
+    elif level == "STUDY":
+        stmt = select(Series.study_pk, Series.pk, Series.modality, count).where(Series.study_pk.in_(_page(pks)))
+    else:
+        stmt = (
+            select(Study.patient_pk, Study.pk, Series.pk, count)
+            .select_from(Study)
+            .outerjoin(Series, Series.study_pk == Study.pk)
+            .where(Study.patient_pk.in_(_page(pks)))
+        )
+    for pk, child, value, instances in conn.execute(stmt).all():
+        summary = per_pk[pk]
+        summary["instances"] += instances or 0
+        if level == "STUDY":
+            summary["series"] += 1
+            if value:
+                summary["modalities"].add(value)
+        elif level == "PATIENT":
+            summary["studies"].add(child)
+            summary["series"] += value is not None
+    return per_pk
 
 
 def _fill_computed(conn: Connection, level: Level, keys: Sequence[str], by_pk: dict[int, dict[str, Any]]) -> None:
-    """One grouped query per computed key for the whole page of results."""
+    """Every computed key of a whole page of results from at most one query per kind of key, never one per row."""
     pks = list(by_pk)
     values: dict[str, dict[int, Any]] = {}
-    for keyword in keys:
-        if keyword in _COUNTS and _COUNTS[keyword][0] == level:
-            _, group, counted, joins = _COUNTS[keyword]
-            stmt = select(group, func.count(counted))
-            for table, on in joins:
-                stmt = stmt.join(table, on)
-            values[keyword] = {g: n for g, n in conn.execute(stmt.where(group.in_(pks)).group_by(group))}
-        elif keyword == "OtherPatientIDsSequence" and level == "PATIENT":
-            items: dict[int, list[dict[str, str]]] = defaultdict(list)
-            for patient_pk, value, issuer, type_of_id in conn.execute(
-                select(
-                    PatientIdentifier.patient_pk,
-                    PatientIdentifier.value,
-                    PatientIdentifier.issuer,
-                    PatientIdentifier.type_of_patient_id,
-                )
-                .where(PatientIdentifier.patient_pk.in_(pks))
-                .order_by(PatientIdentifier.pk)
-            ):
-                items[patient_pk].append(
-                    {"PatientID": value, "IssuerOfPatientID": issuer, "TypeOfPatientID": type_of_id}
-                )
-            values[keyword] = items
-        elif keyword in ("ModalitiesInStudy", "SOPClassesInStudy") and level == "STUDY":
-            column = Series.modality if keyword == "ModalitiesInStudy" else Instance.sop_class_uid
-            stmt = select(Series.study_pk, column).where(Series.study_pk.in_(pks), column != "")
-            if keyword == "SOPClassesInStudy":
-                stmt = stmt.join(Instance, Instance.series_pk == Series.pk)
-            found: dict[int, list[str]] = defaultdict(list)
-            for study_pk, value in conn.execute(stmt.distinct().order_by(Series.study_pk, column)):
-                found[study_pk].append(value)
-            values[keyword] = found
+    # Keys of a level above the results' (NumberOfStudyRelatedSeries of a series) stay at their defaults.
+    counted = [
+        k for k in keys if (k.startswith("NumberOf") or k == "ModalitiesInStudy") and ATTRIBUTES[k].level == level
+    ]
+    if counted:
+        summaries = _summaries(conn, level, pks)
+        for keyword in counted:
+            if keyword == "ModalitiesInStudy":
+                values[keyword] = {pk: sorted(s["modalities"]) for pk, s in summaries.items()}
+            elif keyword == "NumberOfPatientRelatedStudies":
+                values[keyword] = {pk: len(s["studies"]) for pk, s in summaries.items()}
+            elif keyword in _SERIES_COUNTS:
+                values[keyword] = {pk: s["series"] for pk, s in summaries.items()}
+            else:
+                values[keyword] = {pk: s["instances"] for pk, s in summaries.items()}
+    if "OtherPatientIDsSequence" in keys and level == "PATIENT":
+        items: dict[int, list[dict[str, str]]] = defaultdict(list)
+        for patient_pk, value, issuer, type_of_id in conn.execute(
+            select(
+                PatientIdentifier.patient_pk,
+                PatientIdentifier.value,
+                PatientIdentifier.issuer,
+                PatientIdentifier.type_of_patient_id,
+            )
+            .where(PatientIdentifier.patient_pk.in_(_page(pks)))
+            .order_by(PatientIdentifier.pk)
+        ):
+            items[patient_pk].append({"PatientID": value, "IssuerOfPatientID": issuer, "TypeOfPatientID": type_of_id})
+        values["OtherPatientIDsSequence"] = items
+    if "SOPClassesInStudy" in keys and level == "STUDY":
+        found: dict[int, list[str]] = defaultdict(list)
+        stmt = (
+            select(Series.study_pk, Instance.sop_class_uid)
+            .join(Instance, Instance.series_pk == Series.pk)
+            .where(Series.study_pk.in_(_page(pks)), Instance.sop_class_uid != "")
+        )
+        for study_pk, value in conn.execute(stmt.distinct().order_by(Series.study_pk, Instance.sop_class_uid)):
+            found[study_pk].append(value)
+        values["SOPClassesInStudy"] = found
     for keyword in keys:
         per_pk = values.get(keyword, {})
         for pk, row in by_pk.items():

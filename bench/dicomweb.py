@@ -263,7 +263,7 @@ def start_servers(workdir: Path, args: argparse.Namespace, console: Console) -> 
         servers: dict[str, Server] = {}
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         timeout = httpx.Timeout(args.http_timeout)
-        env = dict(kv.split("=", 1) for kv in args.vnpacs_env)
+        env = {"VNPACS_DIMSE_PROCESSES": "0", **dict(kv.split("=", 1) for kv in args.vnpacs_env)}  # product default
         ensure_postgres_running()
         db = stack.enter_context(create_pg_database("vnpacs_bench"))
         env["VNPACS_DATABASE_URL"] = db.url

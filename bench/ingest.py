@@ -322,7 +322,8 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Iterator
             orthanc = stack.enter_context(start_orthanc(workdir))
             yield Target(orthanc, orthanc.dicom_port, orthanc.aet, lambda b: orthanc.count_instances())
         elif name in ("vnpacs-fs", "vnpacs-s3"):
-            env = dict(kv.split("=", 1) for kv in args.vnpacs_env)
+            # The product default (a DIMSE process per core), not the single process the tests start with.
+            env = {"VNPACS_DIMSE_PROCESSES": "0", **dict(kv.split("=", 1) for kv in args.vnpacs_env)}
             if name == "vnpacs-s3":
                 s3 = stack.enter_context(start_weed(workdir / "weed"))
                 s3.make_bucket(S3_BUCKET)

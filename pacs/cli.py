@@ -39,13 +39,17 @@ def main(config: ConfigOption = None) -> None:
     _state["config"] = config
 
 
-def _settings() -> Settings:
-    settings = load_settings(_state["config"])
+def configure_logging(level: str) -> None:
     logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _settings() -> Settings:
+    settings = load_settings(_state["config"])
+    configure_logging(settings.log_level)
     return settings
 
 
@@ -58,15 +62,19 @@ def serve() -> None:
     import uvicorn
 
     from pacs.app import build_background, build_dimse, build_http, build_runtime, prepare_to_serve
+    from pacs.workers import dimse_processes, shared_listener, start_workers
 
     settings = _settings()
     runtime = build_runtime(settings, journal="serve")
     prepare_to_serve(runtime)
     dimse = build_dimse(runtime)
-    dimse.start()
+    processes = dimse_processes(settings)
+    listener = shared_listener(settings.dicom_host, settings.dicom_port) if processes > 1 else None
+    dimse.start(listener)
     background = build_background(runtime)
     for task in background:
         task.start()
+    workers = start_workers(settings, listener, runtime.archive) if listener is not None else None
     logging.getLogger("vnpacs").info(
         "DIMSE %s on %s:%d, HTTP on %s:%d, index %s, blobs %s",
         settings.ae_title,
@@ -86,9 +94,13 @@ def serve() -> None:
             access_log=False,
         )
     finally:
+        if workers is not None:
+            workers.stop()
         for task in reversed(background):
             task.stop()
         dimse.stop()
+        if listener is not None:
+            listener.close()
         runtime.close()
 
 

@@ -7,6 +7,8 @@ in the Patient Root and Study Root information models.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs import netio, status
@@ -142,6 +145,32 @@ def _response(level: str, keys: list[str], row: dict[str, Any], retrieve_aet: st
     return ds
 
 
+def _shared_listener_server(listener: socket.socket) -> type:
+    """pynetdicom's threaded server class, serving an already listening socket instead of binding its own."""
+
+    class SharedListenerServer(ThreadedAssociationServer):  # type: ignore[misc]
+        def server_bind(self) -> None:
+            own: socket.socket = self.socket  # type: ignore[has-type]
+            own.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+
+        def server_activate(self) -> None:
+            return None  # already listening
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            # Non-blocking accept: another process may have taken the connection first (BlockingIOError, an
+            # OSError, which socketserver ignores). The accepted socket itself blocks, as pynetdicom expects.
+            client, address = listener.accept()
+            client.setblocking(True)  # as pynetdicom's own accept leaves it
+            return client, address
+
+        def server_close(self) -> None:
+            return None  # the listener belongs to the process that created it
+
+    return SharedListenerServer
+
+
 # ---- the application entity ------------------------------------------------------------------------------------
 
 
@@ -212,8 +241,20 @@ class DimseServer:
             return status.NO_SUCH_SOP_CLASS, None
         return handler(event)  # type: ignore[no-any-return]
 
-    def start(self) -> None:
-        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=self.handlers())
+    def start(self, listener: socket.socket | None = None) -> None:
+        """Serve in background threads: on our own socket, or on `listener`, a listening socket shared with the
+        other processes of this server (each accepts what it is the first to pick up)."""
+        if listener is None:
+            self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=self.handlers())
+            return
+        server = self.ae.make_server(
+            listener.getsockname()[:2],
+            evt_handlers=self.handlers(),
+            server_class=_shared_listener_server(listener),
+        )
+        thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
+        thread.start()
+        self._server = server
 
     def stop(self) -> None:
         if self._server is not None:

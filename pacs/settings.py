@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     duplicate_policy: Literal["keep-first", "replace"] = "keep-first"
     max_pdu: int = Field(4 * 1024 * 1024, description="Maximum PDU size we receive (bytes)")
     max_associations: int = 32
+    dimse_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Processes accepting DICOM associations on the one port: 0 = one per core (at most 4), "
+        "1 = the serve process only",
+    )
     max_find_results: int = Field(10000, description="C-FIND matches above this are refused (0xA700); 0 = no cap")
     log_level: str = "INFO"
     node_id: str = Field(default_factory=socket.gethostname, description="Names this node's ingest journal")

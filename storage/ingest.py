@@ -411,6 +411,36 @@ _CONFLICT_FIELDS = (
 )
 
 
+class _SQLiteWriteLock:
+    """One SQLite writer at a time: a thread lock within the process, an flock on a file beside the database across
+    processes (both wake the next writer at once, unlike SQLite's sleeping busy handler)."""
+
+    def __init__(self, database: str | None) -> None:
+        self._thread_lock = threading.Lock()
+        self._path = f"{database}.writelock" if database and database != ":memory:" else None
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._path is None:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError:
+            # Without the file lock SQLite's own locking still keeps writes correct, only slower to hand over.
+            log.warning("cannot lock %s; SQLite's busy handler serialises writers instead", self._path)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
 class Archive:
     """The archive core: one blob store, one index, one ingest path."""
 
@@ -428,10 +458,11 @@ class Archive:
         self.duplicate_policy = duplicate_policy
         self._caches = _Caches()
         self._cache_lock = threading.Lock()
-        # SQLite has one writer at a time and its busy handler waits by sleeping (1, 2, 5, 10 ms...): queue this
-        # process's writers on a lock instead, so the next one starts the moment the previous commit ends.
-        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        # SQLite has one writer at a time and its busy handler waits by sleeping (1, 2, 5, 10 ms...): queue writers
+        # on a lock instead, so the next one starts the moment the previous commit ends; across processes sharing
+        # the database file (DIMSE worker processes, `vnpacs import`) too.
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            _SQLiteWriteLock(engine.url.database) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
         dialect = engine.dialect.name
         if dialect == "postgresql":
@@ -535,12 +566,16 @@ class Archive:
             message=message,
             accession_number=_str(ds, "AccessionNumber", 16),
         )
+        self.notify(result)
+        return result
+
+    def notify(self, result: IngestResult) -> None:
+        """Tell the listeners of a durable store (also for stores made by this server's DIMSE worker processes)."""
         for listener in self.listeners:
             try:
                 listener(result)
             except Exception:  # a listener's failure must not turn a durable store into an error
                 log.exception("ingest listener %r failed", listener)
-        return result
 
     def _store(
         self,

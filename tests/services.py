@@ -656,6 +656,8 @@ def start_vnpacs(
 
     VNPACS_* variables inherited from the caller's shell are dropped so a
     developer's local config cannot leak into tests; `env_overrides` wins.
+    DIMSE is served by the one `serve` process unless a test asks for worker
+    processes (VNPACS_DIMSE_PROCESSES): spawning them adds seconds to each start.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port, hl7_port = free_ports(3)
@@ -670,6 +672,7 @@ def start_vnpacs(
             "VNPACS_HTTP_PORT": str(http_port),
             "VNPACS_HL7_HOST": LOOPBACK,
             "VNPACS_HL7_PORT": str(hl7_port),
+            "VNPACS_DIMSE_PROCESSES": "1",
         }
     )
     env.update(env_overrides)

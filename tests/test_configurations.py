@@ -26,7 +26,7 @@ def _sample() -> list[Path]:
 def test_configuration_stores_finds_retrieves_and_verifies(
     configuration: str, start_server: StartServer, tmp_path: Path
 ) -> None:
-    server = start_server(configuration)
+    server = start_server(configuration, VNPACS_DIMSE_PROCESSES="2")  # as deployed: a process per core
     port = server.dicom_port
     sample = _sample()
     assert len(sample) >= 6

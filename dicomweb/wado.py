@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -122,8 +124,44 @@ def _frame_syntax(accept: list[MediaRange]) -> tuple[str, str] | None:
     return None
 
 
+class _Bodies:
+    """Recently answered metadata bodies by ETag, bounded in bytes.
+
+    The ETag hashes the URL root and the SHA-256 of every object in the answer, so a body is found again only for
+    exactly the same objects seen through the same root: an added, corrected or deleted instance is a new key.
+    Reading a study's cached headers from the index and assembling them is most of a metadata request's time;
+    viewers ask for the same study's metadata again and again.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, etag: str) -> bytes | None:
+        with self._lock:
+            body = self._items.get(etag)
+            if body is not None:
+                self._items.move_to_end(etag)
+            return body
+
+    def put(self, etag: str, body: bytes) -> None:
+        if len(body) > self.max_bytes // 4:
+            return
+        with self._lock:
+            if etag in self._items:
+                return
+            self._items[etag] = body
+            self._size += len(body)
+            while self._size > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._size -= len(old)
+
+
 def router(archive: Archive) -> APIRouter:
     api = APIRouter(tags=["WADO-RS"])
+    bodies = _Bodies()
 
     def find_objects(level: Level, filters: dict[str, str]) -> list[StoredObject]:
         return stored_objects(archive, level, filters)
@@ -149,7 +187,8 @@ def router(archive: Archive) -> APIRouter:
                 raise HTTPException(503, f"storage unavailable: {exc}") from exc
         boundary = uuid.uuid4().hex
         media = f'multipart/related; type="application/dicom"; boundary={boundary}'
-        return StreamingResponse(_multipart(archive, objects, boundary, wanted, ready), media_type=media)
+        parts = _batched(_multipart(archive, objects, boundary, wanted, ready))
+        return StreamingResponse(parts, media_type=media)
 
     def metadata_of(request: Request, level: Level, filters: dict[str, str]) -> Response:
         objects = find_objects(level, filters)
@@ -157,12 +196,15 @@ def router(archive: Archive) -> APIRouter:
         etag = '"' + hashlib.sha256("|".join([root, *(o.sha256 for o in objects)]).encode()).hexdigest()[:32] + '"'
         if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
             return Response(status_code=304, headers={"ETag": etag})
-        try:
-            texts = metadata.headers(archive.engine, archive.blobs, objects)
-        except (BlobStoreError, SQLAlchemyError) as exc:
-            raise HTTPException(503, f"storage unavailable: {exc}") from exc
-        body = ("[" + ",".join(texts) + "]").replace(metadata.ROOT, root)
-        return Response(body.encode("utf-8"), media_type="application/dicom+json",
+        body = bodies.get(etag)
+        if body is None:
+            try:
+                texts = metadata.headers(archive.engine, archive.blobs, objects)
+            except (BlobStoreError, SQLAlchemyError) as exc:
+                raise HTTPException(503, f"storage unavailable: {exc}") from exc
+            body = ("[" + ",".join(texts) + "]").replace(metadata.ROOT, root).encode("utf-8")
+            bodies.put(etag, body)
+        return Response(body, media_type="application/dicom+json",
                         headers={"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"})  # fmt: skip
 
     @api.get("/studies/{study}/metadata", summary="Study metadata")
@@ -297,6 +339,24 @@ def _octet_parts(parts: list[bytes], part_type: str, root_type: str = OCTET_STRE
 def _transcoded(archive: Archive, obj: StoredObject, syntax: str) -> bytes:
     with archive.blobs.local_file(obj.blob_key) as path:
         return imaging.transcoded(path, syntax)
+
+
+_BATCH_BYTES = 4 * 1024 * 1024
+
+
+def _batched(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """Pieces joined into chunks of a few MB: Starlette runs each step of a synchronous body iterator in a worker
+    thread, and three hand-offs per object (part header, body, CRLF) cost more than the bytes themselves."""
+    batch: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= _BATCH_BYTES:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
 
 
 def _multipart(

@@ -12,6 +12,7 @@ pynetdicom keeps its stock behaviour.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
 import itertools
@@ -357,6 +358,27 @@ _start_writeback = _sync_file_range()
 _WRITEBACK_CHUNK = 256 * 1024
 
 
+_sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _syncer() -> concurrent.futures.ThreadPoolExecutor:
+    global _sync_pool
+    if _sync_pool is None:
+        with _spool_lock:
+            if _sync_pool is None:
+                _sync_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="spool-sync")
+    return _sync_pool
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass  # advisory: the blob store's fsync is the one that counts
+    finally:
+        os.close(fd)
+
+
 class _Spool:
     """Stands in for the temporary file pynetdicom spools a received C-STORE dataset to.
 
@@ -400,6 +422,16 @@ class _Spool:
     def flush(self) -> None:
         return None
 
+    def flush_to_disk_soon(self) -> None:
+        """The last fragment is in: make the bytes durable in a background thread (its own descriptor, as the
+        spool may be closed first) while the association thread parses the header and builds the index row.
+        The blob store's own fsync before the acknowledgement stays; it then finds only the rename to commit."""
+        try:
+            fd = os.dup(self._fd)
+        except OSError:
+            return
+        _syncer().submit(_sync_and_close, fd)
+
     def close(self) -> None:
         with _spool_lock:
             _spool_digests.pop(self.name, None)
@@ -441,6 +473,18 @@ def _patch_spool(dimse_messages: Any) -> None:
     if getattr(dimse_messages, "NamedTemporaryFile", None) is None:
         return
     dimse_messages.NamedTemporaryFile = _Spool
+    message_cls = dimse_messages.DIMSEMessage
+    orig_decode = message_cls.decode_msg
+
+    def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
+        complete: bool = orig_decode(self, primitive, assoc)
+        if complete:
+            spool = getattr(self, "_data_set_file", None)
+            if isinstance(spool, _Spool):
+                spool.flush_to_disk_soon()
+        return complete
+
+    message_cls.decode_msg = decode_msg
     orig_create = getattr(dimse_messages, "create_file_meta", None)
     orig_write = getattr(dimse_messages, "write_file_meta_info", None)
     if orig_create is None or orig_write is None:

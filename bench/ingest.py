@@ -358,6 +358,9 @@ def run_one(
     result = Result(TARGET_LABELS[name], mode, bench.count, bench.total_bytes)
     try:
         with start_target(name, workdir, args) as target:
+            # Every target starts on a quiet disk: without this, the previous run's unflushed writes (a server
+            # that does not fsync leaves up to a GB dirty) are written back during the next target's run.
+            os.sync()
             seconds, error = push(
                 bench.files,
                 port=target.port,
@@ -466,8 +469,10 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
         *(f"- Data: {s.description}" for s in sets),
         "- MB = 10^6 bytes of Part 10 files sent; time is wall clock from launching storescu",
         "  to the last one exiting.",
-        "- Every target is started fresh per run and audited afterwards (vnpacs: IMAGE-level C-FIND of every",
-        "  series; Orthanc: /statistics CountInstances); a run that lost data is FAILED and not timed.",
+        "- Every target is started fresh per run, on a quiet disk (sync before the push), and audited afterwards",
+        "  (vnpacs: IMAGE-level C-FIND of every series; Orthanc: /statistics CountInstances); a run that lost data",
+        "  is FAILED and not timed.",
+        "- vnpacs runs its default of one DIMSE process per core (VNPACS_DIMSE_PROCESSES=0; here 2).",
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
         "",
         "| " + " | ".join(COLUMNS) + " |",

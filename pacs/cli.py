@@ -63,7 +63,7 @@ def serve() -> None:
     import uvicorn
 
     from pacs.app import build_background, build_dimse, build_http, build_runtime, prepare_to_serve
-    from pacs.workers import dimse_processes, shared_listener, start_workers
+    from pacs.workers import DimseWorkers, dimse_processes, shared_listener
 
     settings = _settings()
     runtime = build_runtime(settings, journal="serve")
@@ -71,11 +71,13 @@ def serve() -> None:
     dimse = build_dimse(runtime)
     processes = dimse_processes(settings)
     listener = shared_listener(settings.dicom_host, settings.dicom_port) if processes > 1 else None
-    dimse.start(listener)
+    workers = DimseWorkers(settings, listener, runtime.archive, processes - 1) if listener is not None else None
+    dimse.start(listener, workers.load if workers is not None else None)
     background = build_background(runtime)
     for task in background:
         task.start()
-    workers = start_workers(settings, listener, runtime.archive) if listener is not None else None
+    if workers is not None:
+        workers.start()
     # Everything built so far lives as long as the process: keep it out of the garbage collector's scans, which
     # otherwise walk these hundreds of thousands of objects on every full collection (tail latency of requests).
     gc.freeze()

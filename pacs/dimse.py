@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -145,7 +146,15 @@ def _response(level: str, keys: list[str], row: dict[str, Any], retrieve_aet: st
     return ds
 
 
-def _shared_listener_server(listener: socket.socket) -> type:
+class SharedLoad(Protocol):
+    """How busy each process sharing a listener is, so that the least busy one takes the next association."""
+
+    def publish(self, active: int) -> None: ...
+
+    def may_accept(self, active: int) -> bool: ...
+
+
+def _shared_listener_server(listener: socket.socket, load: SharedLoad | None) -> type:
     """pynetdicom's threaded server class, serving an already listening socket instead of binding its own."""
 
     class SharedListenerServer(ThreadedAssociationServer):  # type: ignore[misc]
@@ -161,7 +170,16 @@ def _shared_listener_server(listener: socket.socket) -> type:
         def get_request(self) -> tuple[socket.socket, Any]:
             # Non-blocking accept: another process may have taken the connection first (BlockingIOError, an
             # OSError, which socketserver ignores). The accepted socket itself blocks, as pynetdicom expects.
+            # Connections that arrive together (four modalities starting at once) would all go to whichever
+            # process wakes first: a process busier than another leaves the connection to it for a moment.
+            if load is not None:
+                active = len(self.ae.active_associations)
+                if not load.may_accept(active):
+                    time.sleep(0.001)
+                    raise BlockingIOError("a less busy process takes this association")
             client, address = listener.accept()
+            if load is not None:
+                load.publish(len(self.ae.active_associations) + 1)
             client.setblocking(True)  # as pynetdicom's own accept leaves it
             return client, address
 
@@ -241,7 +259,7 @@ class DimseServer:
             return status.NO_SUCH_SOP_CLASS, None
         return handler(event)  # type: ignore[no-any-return]
 
-    def start(self, listener: socket.socket | None = None) -> None:
+    def start(self, listener: socket.socket | None = None, load: SharedLoad | None = None) -> None:
         """Serve in background threads: on our own socket, or on `listener`, a listening socket shared with the
         other processes of this server (each accepts what it is the first to pick up)."""
         if listener is None:
@@ -250,10 +268,18 @@ class DimseServer:
         server = self.ae.make_server(
             listener.getsockname()[:2],
             evt_handlers=self.handlers(),
-            server_class=_shared_listener_server(listener),
+            server_class=_shared_listener_server(listener, load),
         )
         thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
         thread.start()
+        if load is not None:
+
+            def publish() -> None:  # associations end without telling the acceptor: count them again often
+                while self._server is server:
+                    load.publish(len(self.ae.active_associations))
+                    time.sleep(0.02)
+
+            threading.Thread(target=publish, name="dimse-load", daemon=True).start()
         self._server = server
 
     def stop(self) -> None:

@@ -48,7 +48,29 @@ def shared_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
     return listener
 
 
-def _run_worker(settings: Settings, listener: socket.socket, results: Queue[IngestResult | None], ready: Any) -> None:
+class AssociationLoad:
+    """Active associations of each DIMSE process in shared memory (slot 0: the main process)."""
+
+    def __init__(self, slots: Any, index: int) -> None:
+        self.slots = slots
+        self.index = index
+
+    def publish(self, active: int) -> None:
+        self.slots[self.index] = active
+
+    def may_accept(self, active: int) -> bool:
+        self.slots[self.index] = active
+        return active <= min(self.slots[:])
+
+
+def _run_worker(
+    settings: Settings,
+    listener: socket.socket,
+    results: Queue[IngestResult | None],
+    ready: Any,
+    slots: Any,
+    index: int,
+) -> None:
     """A worker's whole life: DIMSE services on the shared listener until the main process stops it or goes away."""
     from pacs.app import build_dimse, build_runtime, receive_tmp_dir
     from pacs.cli import configure_logging
@@ -66,7 +88,8 @@ def _run_worker(settings: Settings, listener: socket.socket, results: Queue[Inge
     tempfile.tempdir = str(receive_tmp_dir(runtime))
     runtime.archive.listeners.append(results.put)
     dimse = build_dimse(runtime)
-    dimse.start(listener)
+    slots[index] = 0
+    dimse.start(listener, AssociationLoad(slots, index))
     ready.set()
     log.info("DIMSE worker %d serving %s", os.getpid(), listener.getsockname())
     try:
@@ -96,15 +119,17 @@ class DimseWorkers:
         self.archive = archive
         self.count = count
         self.results: Queue[IngestResult | None] = _context.Queue()
+        self.slots = _context.Array("i", count + 1, lock=False)  # single int writes: no lock needed
+        self.load = AssociationLoad(self.slots, 0)
         self.processes: list[SpawnProcess] = []
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def _spawn(self) -> tuple[SpawnProcess, Any]:
+    def _spawn(self, index: int) -> tuple[SpawnProcess, Any]:
         ready = _context.Event()
         process = _context.Process(
             target=_run_worker,
-            args=(self.settings, self.listener, self.results, ready),
+            args=(self.settings, self.listener, self.results, ready, self.slots, index),
             name="vnpacs-dimse",
             daemon=True,
         )
@@ -113,7 +138,7 @@ class DimseWorkers:
 
     def start(self, timeout: float = 120.0) -> None:
         """Start the workers and wait until each serves (or has died), so a ready server is ready at full width."""
-        spawned = [self._spawn() for _ in range(self.count)]
+        spawned = [self._spawn(i + 1) for i in range(self.count)]
         self.processes = [process for process, _ in spawned]
         deadline = time.monotonic() + timeout
         for process, ready in spawned:
@@ -141,7 +166,8 @@ class DimseWorkers:
             for i, process in enumerate(self.processes):
                 if not process.is_alive() and not self._stopping.is_set():
                     log.error("DIMSE worker %s exited with %s; starting another", process.pid, process.exitcode)
-                    self.processes[i] = self._spawn()[0]
+                    self.slots[i + 1] = 0
+                    self.processes[i] = self._spawn(i + 1)[0]
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes if p.pid is not None]
@@ -160,13 +186,3 @@ class DimseWorkers:
             self.results.put(None)
         for thread in self._threads:
             thread.join(2)
-
-
-def start_workers(settings: Settings, listener: socket.socket, archive: Archive) -> DimseWorkers | None:
-    """Workers for more than one DIMSE process (the main process is one of them), else None."""
-    extra = dimse_processes(settings) - 1
-    if extra <= 0:
-        return None
-    workers = DimseWorkers(settings, listener, archive, extra)
-    workers.start()
-    return workers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -185,6 +186,11 @@ def _shared_listener_server(listener: socket.socket, load: SharedLoad | None) ->
 
         def server_close(self) -> None:
             return None  # the listener belongs to the process that created it
+
+        def shutdown(self) -> None:
+            # pynetdicom's shutdown also removes the server from the AE's list of the servers it started itself,
+            # which this one is not in.
+            socketserver.BaseServer.shutdown(self)
 
     return SharedListenerServer
 

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections import Counter
@@ -48,6 +49,10 @@ def configure_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _settings() -> Settings:
     settings = load_settings(_state["config"])
     configure_logging(settings.log_level)
@@ -81,6 +86,9 @@ def serve() -> None:
     # Everything built so far lives as long as the process: keep it out of the garbage collector's scans, which
     # otherwise walk these hundreds of thousands of objects on every full collection (tail latency of requests).
     gc.freeze()
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again for the previous handler: let that be an
+    # exit through the `finally` below (workers, background tasks, journal), not the default instant termination.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.getLogger("vnpacs").info(
         "DIMSE %s on %s:%d, HTTP on %s:%d, index %s, blobs %s",
         settings.ae_title,

@@ -99,6 +99,7 @@ def _run_worker(
     finally:
         dimse.stop()
         runtime.close()
+        log.info("DIMSE worker %d stopped", os.getpid())
 
 
 def _die_with_parent() -> None:
@@ -173,6 +174,7 @@ class DimseWorkers:
         return [p.pid for p in self.processes if p.pid is not None]
 
     def stop(self, timeout: float = 10.0) -> None:
+        log.info("stopping %d DIMSE worker(s)", len(self.processes))
         self._stopping.set()
         for process in self.processes:
             if process.is_alive():

@@ -113,3 +113,18 @@ def test_a_killed_worker_is_replaced_and_serving_goes_on(start_server: StartServ
     files = [write_ct(tmp_path, who=patient("Lê^Văn Tám", "WK-K"), study="w-k", index=i) for i in range(8)]
     _push_in_parallel(server, [files[:4], files[4:]])
     assert _study_count(server, str(dcmread(files[0]).StudyInstanceUID)) == len(files)
+
+
+def test_stopping_the_server_stops_its_workers_cleanly(start_server: StartServer) -> None:
+    server = start_server("fs-sqlite", VNPACS_DIMSE_PROCESSES="3")
+    workers = _worker_pids(server)
+    assert len(workers) == 2
+    server.stop()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    # Every process closed its runtime (no ingest journal is left behind) and nothing was logged as a crash.
+    assert _journal_lines(server) == {}
+    log = (Path(server.env["VNPACS_DATA_DIR"]).parent / "vnpacs.log").read_text()
+    assert "Traceback" not in log

@@ -493,7 +493,7 @@ def _patch_spool(dimse_messages: Any) -> None:
 
     implementation = [
         (0x0012, b"UI", _ui(str(PYNETDICOM_IMPLEMENTATION_UID))),
-        (0x0013, b"SH", _sh(PYNETDICOM_IMPLEMENTATION_VERSION)),
+        (0x0013, b"SH", _text(PYNETDICOM_IMPLEMENTATION_VERSION)),
     ]
 
     def create_file_meta(*, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any, **kwargs: Any) -> Any:
@@ -541,7 +541,8 @@ def _ui(uid: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
-def _sh(text: str) -> bytes:
+def _text(text: str) -> bytes:
+    """An ASCII text value (SH, LO) padded to even length with a space."""
     raw = text.encode("ascii")
     return raw + b" " if len(raw) % 2 else raw
 
@@ -569,8 +570,7 @@ def encode_store_response(rsp: Any) -> bytes | None:
             (0x0900, struct.pack("<H", int(status_code))),
         ]
         if comment:
-            text = str(comment).encode("ascii")
-            elements.append((0x0902, text + b" " if len(text) % 2 else text))
+            elements.append((0x0902, _text(str(comment))))
         elements.append((0x1000, _ui(sop_instance)))
     except (UnicodeEncodeError, ValueError, TypeError, struct.error):
         return None

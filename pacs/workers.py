@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing.context import SpawnProcess
@@ -82,8 +83,6 @@ def _run_worker(
         signal.signal(sig, lambda *_: stop.set())
     parent = os.getppid()
     runtime = build_runtime(settings, migrate=False, journal="dimse")
-    import tempfile
-
     # The main process emptied the spool folder and recovered interrupted writes before starting any worker.
     tempfile.tempdir = str(receive_tmp_dir(runtime))
     runtime.archive.listeners.append(results.put)
@@ -169,9 +168,6 @@ class DimseWorkers:
                     log.error("DIMSE worker %s exited with %s; starting another", process.pid, process.exitcode)
                     self.slots[i + 1] = 0
                     self.processes[i] = self._spawn(i + 1)[0]
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes if p.pid is not None]
 
     def stop(self, timeout: float = 10.0) -> None:
         log.info("stopping %d DIMSE worker(s)", len(self.processes))

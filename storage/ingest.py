@@ -617,10 +617,10 @@ class Archive:
             try:
                 outcomes = self._index_many(jobs)
             except SQLAlchemyError as exc:
-                self._drop_leader_connection()
                 if not getattr(exc, "connection_invalidated", False):
-                    raise
+                    raise  # an integrity error leaves the connection usable; any other drops it below
                 # The kept connection died while idle (a database restart): once more on a fresh one.
+                self._drop_leader_connection()
                 outcomes = self._index_many(jobs)
         except IntegrityError:
             # A cached parent row was deleted by another node: forget the caches and index each object alone.

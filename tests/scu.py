@@ -11,6 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, build_context, build_role, evt
@@ -174,3 +175,15 @@ def study_identifier(level: str = "STUDY", **keys: Any) -> Dataset:
     for k, v in keys.items():
         setattr(ds, k, v)
     return ds
+
+
+def multipart_parts(response: httpx.Response) -> list[bytes]:
+    """The bodies of a multipart/related answer, in order."""
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    parts = []
+    for chunk in response.content.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        headers, _, body = chunk.partition(b"\r\n\r\n")
+        parts.append(body[:-2] if body.endswith(b"\r\n") else body)
+    return parts

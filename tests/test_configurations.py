@@ -6,12 +6,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import dcmread
 
 from tests.conftest import CONFIGURATIONS, StartServer
 from tests.data import patient, write_ct
-from tests.scu import c_find, c_get, dataset_bytes, run_dcmtk, storage_corpus, store_files, study_identifier
+from tests.scu import (
+    c_find,
+    c_get,
+    dataset_bytes,
+    multipart_parts,
+    run_dcmtk,
+    storage_corpus,
+    store_files,
+    study_identifier,
+)
 
 
 def _sample() -> list[Path]:
@@ -49,6 +59,15 @@ def test_configuration_stores_finds_retrieves_and_verifies(
     for uid, path in zip(uids, sample, strict=True):
         assert dataset_bytes(got[uid]) == dataset_bytes(path), path.name
 
+    # WADO-RS gives back the same stored bytes, from the filesystem (memory maps) or S3 (streamed buffers).
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    study = dcmread(vn, stop_before_pixels=True).StudyInstanceUID
+    response = httpx.get(f"{server.base_url}/dicom-web/studies/{study}", headers={"Accept": accept}, timeout=60)
+    assert response.status_code == 200
+    [part] = multipart_parts(response)
+    (tmp_path / "wado.dcm").write_bytes(part)
+    assert dataset_bytes(tmp_path / "wado.dcm") == dataset_bytes(vn)
+
     verify = subprocess.run([sys.executable, "-m", "pacs", "verify"], env=server.env, capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -67,3 +86,12 @@ def test_s3_stores_a_large_object_in_parts_and_returns_it_intact(start_server: S
                        [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))], tmp_path / "get")  # fmt: skip
     assert final == 0
     assert dataset_bytes(got[str(ds.SOPInstanceUID)]) == dataset_bytes(big)
+
+    # WADO-RS streams it from S3 in buffers of a few MB: the same bytes, whatever the buffer boundaries.
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    response = httpx.get(f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}", headers={"Accept": accept},
+                         timeout=120)  # fmt: skip
+    assert response.status_code == 200
+    [part] = multipart_parts(response)
+    (tmp_path / "wado.dcm").write_bytes(part)
+    assert dataset_bytes(tmp_path / "wado.dcm") == dataset_bytes(big)

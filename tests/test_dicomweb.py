@@ -9,7 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.data import patient, write_ct
-from tests.scu import dataset_bytes, storage_corpus, store_files
+from tests.scu import dataset_bytes, multipart_parts, storage_corpus, store_files
 from tests.services import VnpacsService
 
 PN, PATIENT_ID, STUDY_UID, STUDY_DESC = "00100010", "00100020", "0020000D", "00081030"
@@ -91,24 +91,13 @@ def test_qido_bad_input_is_a_400_with_a_reason(embedded: VnpacsService) -> None:
     assert qido(embedded, "/studies", **{"99999999": "x"}).status_code == 400
 
 
-def _parts(response: httpx.Response) -> list[bytes]:
-    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
-    parts = []
-    for chunk in response.content.split(b"--" + boundary.encode())[1:]:
-        if chunk.startswith(b"--"):
-            break
-        headers, _, body = chunk.partition(b"\r\n\r\n")
-        parts.append(body[:-2] if body.endswith(b"\r\n") else body)
-    return parts
-
-
 def test_wado_rs_returns_stored_instances_byte_exact(embedded: VnpacsService, loaded: dict[str, Path]) -> None:
     ds = dcmread(loaded["ct1"])
     url = f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}"
     accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
     response = httpx.get(url, headers={"Accept": accept}, timeout=30)
     assert response.status_code == 200
-    parts = _parts(response)
+    parts = multipart_parts(response)
     assert len(parts) == 3
     sent = {dataset_bytes(loaded[k]) for k in ("ct1", "ct2", "mr")}
     received = set()
@@ -128,7 +117,7 @@ def test_wado_rs_refuses_what_it_cannot_give(embedded: VnpacsService, loaded: di
     unsatisfiable = httpx.get(url, headers={"Accept": baseline}, timeout=30)  # no encoder into JPEG here
     assert unsatisfiable.status_code == 406 and "transfer-syntax=*" in unsatisfiable.json()["detail"]
     as_stored = httpx.get(url, headers={"Accept": "multipart/related; type=application/dicom; transfer-syntax=*"})
-    assert as_stored.status_code == 200 and len(_parts(as_stored)) == 1
+    assert as_stored.status_code == 200 and len(multipart_parts(as_stored)) == 1
     assert httpx.get(url, headers={"Accept": "image/png"}).status_code == 406
     missing = httpx.get(f"{embedded.base_url}/dicom-web/studies/1.2.3.4.5", headers={"Accept": "*/*"})
     assert missing.status_code == 404
@@ -172,7 +161,7 @@ def test_stow_stores_through_the_same_ingest_path_and_qido_and_wado_see_it(
     url = (f"{embedded.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
            f"/instances/{ds.SOPInstanceUID}")  # fmt: skip
     got = httpx.get(url, headers={"Accept": "multipart/related; type=application/dicom; transfer-syntax=*"})
-    assert _parts(got)[0] == files[0].read_bytes()  # STOW keeps the uploaded Part 10 file byte for byte
+    assert multipart_parts(got)[0] == files[0].read_bytes()  # STOW keeps the uploaded Part 10 file byte for byte
 
 
 def test_stow_partial_failure_is_202_with_reasons(embedded: VnpacsService, tmp_path: Path) -> None:
@@ -225,6 +214,27 @@ def test_stow_streams_a_large_upload_without_holding_it_in_memory(start_server: 
                           headers={"Content-Type": content_type})  # fmt: skip
     assert response.status_code == 200, response.text
     assert vm_hwm_bytes(server.pid) < 300 * 1024 * 1024
+
+    # And back, as stored: streamed in buffers of a few MB, the object byte for byte, memory still bounded.
+    study = dcmread(big, stop_before_pixels=True).StudyInstanceUID
+    received = tmp_path / "retrieved.multipart"
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    with httpx.stream("GET", f"{server.base_url}/dicom-web/studies/{study}", headers={"Accept": accept},
+                      timeout=300) as streamed, open(received, "wb") as out:  # fmt: skip
+        assert streamed.status_code == 200
+        assert int(streamed.headers["content-length"]) > big.stat().st_size
+        for chunk in streamed.iter_bytes(1024 * 1024):
+            out.write(chunk)
+    assert received.stat().st_size == int(streamed.headers["content-length"])
+    with open(received, "rb") as got, open(big, "rb") as sent:
+        head = got.read(4096)
+        start = head.index(b"\r\n\r\n") + 4
+        assert b"Content-Length: %d" % big.stat().st_size in head[:start]
+        got.seek(start)
+        while chunk := sent.read(8 * 1024 * 1024):
+            assert got.read(len(chunk)) == chunk
+        assert got.read() == b"\r\n--" + streamed.headers["content-type"].split("boundary=")[1].encode() + b"--\r\n"
+    assert vm_hwm_bytes(server.pid) < 300 * 1024 * 1024
     big.unlink()
 
 
@@ -247,7 +257,7 @@ def test_series_metadata_equals_the_stored_headers_and_its_bulk_data_uris_resolv
     pixel_uri = item["7FE00010"]["BulkDataURI"]
     assert pixel_uri.startswith(embedded.base_url)
     pixel = httpx.get(pixel_uri, headers={"Accept": "multipart/related; type=application/octet-stream"})
-    assert pixel.status_code == 200 and _parts(pixel) == [ds.PixelData]
+    assert pixel.status_code == 200 and multipart_parts(pixel) == [ds.PixelData]
 
     etag = response.headers["etag"]
     again = httpx.get(url, headers={"If-None-Match": etag})
@@ -266,7 +276,10 @@ def test_frames_are_the_stored_pixel_data(embedded: VnpacsService, loaded: dict[
     octet = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
     got = httpx.get(f"{base}/frames/2,4", headers={"Accept": octet})
     assert got.status_code == 200
-    assert _parts(got) == [ds.PixelData[frame_size : 2 * frame_size], ds.PixelData[3 * frame_size : 4 * frame_size]]
+    assert multipart_parts(got) == [
+        ds.PixelData[frame_size : 2 * frame_size],
+        ds.PixelData[3 * frame_size : 4 * frame_size],
+    ]
     assert httpx.get(f"{base}/frames/99", headers={"Accept": octet}).status_code == 404
 
     jpeg = dcmread(loaded["jpeg"])
@@ -276,7 +289,7 @@ def test_frames_are_the_stored_pixel_data(embedded: VnpacsService, loaded: dict[
     assert compressed.status_code == 200
     from pydicom.encaps import generate_frames
 
-    assert _parts(compressed)[0] == next(generate_frames(jpeg.PixelData, number_of_frames=1))
+    assert multipart_parts(compressed)[0] == next(generate_frames(jpeg.PixelData, number_of_frames=1))
     assert f"transfer-syntax={jpeg.file_meta.TransferSyntaxUID}" in compressed.text[:400]  # says what it is
     wants_jpeg = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.4.50'
     assert httpx.get(f"{jbase}/frames/1", headers={"Accept": wants_jpeg}).status_code == 406
@@ -361,7 +374,7 @@ def test_rendered_series_is_one_image_per_instance_in_instance_number_order(
     png = httpx.get(url, params={"window": "40,400"}, headers={"Accept": 'multipart/related; type="image/png"'})
     assert png.status_code == 200, png.text
     assert png.headers["content-type"].startswith('multipart/related; type="image/png"')
-    parts = [np.asarray(Image.open(io.BytesIO(body)), dtype=np.float64) for body in _parts(png)]
+    parts = [np.asarray(Image.open(io.BytesIO(body)), dtype=np.float64) for body in multipart_parts(png)]
     assert len(parts) == 5
     for n, got in zip(sorted(numbers), parts, strict=True):
         assert got.shape == (64, 64)
@@ -375,7 +388,7 @@ def test_rendered_series_is_one_image_per_instance_in_instance_number_order(
 
     jpeg = httpx.get(url, params={"viewport": "32,32"})  # JPEG unless asked otherwise; parameters apply to every part
     assert jpeg.status_code == 200 and 'type="image/jpeg"' in jpeg.headers["content-type"]
-    images = [Image.open(io.BytesIO(body)) for body in _parts(jpeg)]
+    images = [Image.open(io.BytesIO(body)) for body in multipart_parts(jpeg)]
     assert [image.format for image in images] == ["JPEG"] * 5 and all(image.size == (32, 32) for image in images)
     means = [float(np.asarray(image, dtype=np.float64).mean()) for image in images]
     for n, mean in zip(sorted(numbers), means, strict=True):  # the file's own window, as an instance render uses
@@ -396,7 +409,7 @@ def test_compressed_objects_are_transcoded_when_the_client_cannot_decode(
     response = httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=60)
     assert response.status_code == 200
     out = tmp_path / "explicit.dcm"
-    out.write_bytes(_parts(response)[0])
+    out.write_bytes(multipart_parts(response)[0])
     transcoded = dcmread(out)
     assert transcoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert transcoded.SOPInstanceUID == original.SOPInstanceUID  # a lossless conversion keeps the instance's identity
@@ -404,7 +417,9 @@ def test_compressed_objects_are_transcoded_when_the_client_cannot_decode(
 
     frame = httpx.get(url + "/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
     assert frame.status_code == 200
-    assert _parts(frame)[0] == original.pixel_array.astype(original.pixel_array.dtype.newbyteorder("<")).tobytes()
+    assert (
+        multipart_parts(frame)[0] == original.pixel_array.astype(original.pixel_array.dtype.newbyteorder("<")).tobytes()
+    )
 
 
 # ---- transcoding to other transfer syntaxes -------------------------------------------------------------------------
@@ -452,7 +467,7 @@ def test_retrieve_transcodes_to_each_lossless_syntax_and_the_pixels_survive(
         assert response.status_code == 200, (name, response.text)
         assert f"application/dicom; transfer-syntax={syntax}".encode() in response.content[:200], name
         out = tmp_path / f"{name}.dcm"
-        out.write_bytes(_parts(response)[0])
+        out.write_bytes(multipart_parts(response)[0])
         got = dcmread(out)
         assert got.file_meta.TransferSyntaxUID == syntax, name
         assert got.SOPInstanceUID == original.SOPInstanceUID and got.PatientName == original.PatientName, name
@@ -522,7 +537,7 @@ def test_frames_are_re_encoded_in_a_requested_compressed_syntax(
     assert jp2.status_code == 200, jp2.text
     assert jp2.headers["content-type"].startswith('multipart/related; type="image/jp2"')
     assert b"Content-Type: image/jp2; transfer-syntax=1.2.840.10008.1.2.4.90" in jp2.content[:200]
-    parts = _parts(jp2)
+    parts = multipart_parts(jp2)
     assert all(p[:4] == b"\xff\x4f\xff\x51" for p in parts)  # JPEG 2000 codestreams
     decoded = _decoded(sources["multiframe-rle"], parts, "1.2.840.10008.1.2.4.90")
     assert all(np.array_equal(d, multi.pixel_array[i]) for d, i in zip(decoded, (1, 4), strict=True))
@@ -531,7 +546,7 @@ def test_frames_are_re_encoded_in_a_requested_compressed_syntax(
     rle = httpx.get(f"{url}/frames/3", headers={"Accept": 'multipart/related; type="image/dicom-rle"'})
     assert rle.status_code == 200 and b"Content-Type: image/dicom-rle" in rle.content[:200]
     stored = list(generate_frames(multi.PixelData, number_of_frames=int(multi.NumberOfFrames)))
-    assert _parts(rle) == [stored[2]]
+    assert multipart_parts(rle) == [stored[2]]
 
     ct = dcmread(sources["ct"])
     ct_url = _instance_url(embedded, sources["ct"])
@@ -539,7 +554,7 @@ def test_frames_are_re_encoded_in_a_requested_compressed_syntax(
     as_rle = httpx.get(f"{ct_url}/frames/1", headers={"Accept": octet_rle})
     assert as_rle.status_code == 200
     assert b"application/octet-stream; transfer-syntax=1.2.840.10008.1.2.5" in as_rle.content[:200]
-    [frame] = _parts(as_rle)
+    [frame] = multipart_parts(as_rle)
     assert frame != ct.PixelData
     assert np.array_equal(_decoded(sources["ct"], [frame], "1.2.840.10008.1.2.5")[0], ct.pixel_array)
 
@@ -611,12 +626,12 @@ def test_frames_of_a_deflated_object_are_its_native_pixel_data(
     assert got.status_code == 200, got.text
     # The deflate covers the whole data set, not the frames: every way of asking gets the native bytes, named so.
     assert b"Content-Type: application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1\r\n" in got.content[:200]
-    assert _parts(got) == [_native(multi.pixel_array[i]) for i in (1, 3, 9)]
+    assert multipart_parts(got) == [_native(multi.pixel_array[i]) for i in (1, 3, 9)]
     assert httpx.get(f"{url}/frames/11", headers={"Accept": accept}).status_code == 404
 
     single = dcmread(codecs["deflated"])
     one = httpx.get(f"{_instance_url(embedded, codecs['deflated'])}/frames/1", headers={"Accept": accept})
-    assert one.status_code == 200 and _parts(one) == [_native(single.pixel_array)]
+    assert one.status_code == 200 and multipart_parts(one) == [_native(single.pixel_array)]
 
 
 def test_a_deflated_object_has_its_pixel_data_rendered_and_re_encoded_frames(
@@ -633,7 +648,7 @@ def test_a_deflated_object_has_its_pixel_data_rendered_and_re_encoded_frames(
     pixel = httpx.get(
         item["7FE00010"]["BulkDataURI"], headers={"Accept": "multipart/related; type=application/octet-stream"}
     )
-    assert pixel.status_code == 200 and _parts(pixel) == [ds.PixelData]
+    assert pixel.status_code == 200 and multipart_parts(pixel) == [ds.PixelData]
 
     rendered = httpx.get(f"{url}/rendered", params={"window": "128,256", "accept": "image/png"})
     assert rendered.status_code == 200, rendered.text
@@ -648,13 +663,13 @@ def test_a_deflated_object_has_its_pixel_data_rendered_and_re_encoded_frames(
     rle = httpx.get(f"{_instance_url(embedded, multi)}/frames/3,7",
                     headers={"Accept": 'multipart/related; type="image/dicom-rle"'})  # fmt: skip
     assert rle.status_code == 200, rle.text
-    decoded = _decoded(multi, _parts(rle), "1.2.840.10008.1.2.5")
+    decoded = _decoded(multi, multipart_parts(rle), "1.2.840.10008.1.2.5")
     assert all(np.array_equal(d, dcmread(multi).pixel_array[i]) for d, i in zip(decoded, (2, 6), strict=True))
 
     explicit = httpx.get(url, headers=_dicom_accept("1.2.840.10008.1.2.1"), timeout=60)
     assert explicit.status_code == 200
     out = tmp_path / "inflated.dcm"
-    out.write_bytes(_parts(explicit)[0])
+    out.write_bytes(multipart_parts(explicit)[0])
     assert dcmread(out).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert np.array_equal(dcmread(out).pixel_array, ds.pixel_array)
 
@@ -678,13 +693,13 @@ def test_stored_jpeg_ls_objects_are_decoded_for_frames_and_rendered(
         f"{url}/frames/1,{last}", headers={"Accept": 'multipart/related; type="application/octet-stream"'}
     )
     assert native.status_code == 200, native.text
-    assert _parts(native) == [_native(arrays[0]), _native(arrays[last - 1])]
+    assert multipart_parts(native) == [_native(arrays[0]), _native(arrays[last - 1])]
 
     as_stored = httpx.get(
         f"{url}/frames/{last}", headers={"Accept": 'multipart/related; type="image/jls"; transfer-syntax=*'}
     )
     assert as_stored.status_code == 200 and b"Content-Type: image/jls" in as_stored.content[:200]
-    assert _parts(as_stored) == [list(generate_frames(ds.PixelData, number_of_frames=count))[last - 1]]
+    assert multipart_parts(as_stored) == [list(generate_frames(ds.PixelData, number_of_frames=count))[last - 1]]
 
     rendered = httpx.get(f"{url}/frames/{last}/rendered", params={"accept": "image/png"})
     assert rendered.status_code == 200, rendered.text
@@ -703,7 +718,7 @@ def test_jpeg_ls_near_lossless_is_transcoded_losslessly_to_jpeg_ls_lossless(
     response = httpx.get(_instance_url(embedded, codecs["jls-near"]), headers=_dicom_accept("1.2.840.10008.1.2.4.80"))
     assert response.status_code == 200, response.text
     out = tmp_path / "lossless.dcm"
-    out.write_bytes(_parts(response)[0])
+    out.write_bytes(multipart_parts(response)[0])
     got = dcmread(out)
     assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80" and got["PixelData"].is_undefined_length
     assert np.array_equal(got.pixel_array, original.pixel_array)  # the near-lossless pixels, kept exactly
@@ -714,7 +729,7 @@ def test_jpeg_ls_near_lossless_is_transcoded_losslessly_to_jpeg_ls_lossless(
     ct_url = _instance_url(embedded, codecs["deflated-multiframe"])
     jls = httpx.get(f"{ct_url}/frames/5", headers={"Accept": 'multipart/related; type="image/jls"'})
     assert jls.status_code == 200 and b"Content-Type: image/jls; transfer-syntax=1.2.840.10008.1.2.4.80" in jls.content
-    [frame] = _parts(jls)
+    [frame] = multipart_parts(jls)
     assert frame[:2] == b"\xff\xd8"  # a JPEG-LS codestream
     decoded = _decoded(codecs["deflated-multiframe"], [frame], "1.2.840.10008.1.2.4.80")[0]
     assert np.array_equal(decoded, dcmread(codecs["deflated-multiframe"]).pixel_array[4])

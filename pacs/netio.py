@@ -51,6 +51,40 @@ class _NotifyingQueue(queue.Queue):  # type: ignore[type-arg]
         self._notify()
 
 
+class _MessageQueue(_NotifyingQueue):
+    """The queue of received DIMSE messages, which serves a C-STORE request at once in the DUL thread.
+
+    pynetdicom's DUL thread decodes a message and queues it; the association thread wakes up, runs the handler
+    and queues the response; the DUL thread wakes up again to send it. For a Storage SCP those two hand-offs are
+    a large part of the time per object. A peer sends its next request only after our response, so nothing
+    is lost by running the C-STORE handler in the DUL thread: the response is sent as soon as the handler
+    returns, by the same thread. Anything else (other messages, an association we requested, a reactor paused
+    for a send_*() call, messages still waiting in the queue) takes the association thread as before.
+    """
+
+    def __init__(self, assoc: Any, c_store: type) -> None:
+        super().__init__(_activity(assoc).set)
+        self._assoc = assoc
+        self._c_store: Any = c_store
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        assoc: Any = self._assoc
+        primitive: Any
+        context_id, primitive = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
+        if (
+            type(primitive) is self._c_store
+            and primitive.is_valid_request
+            and assoc.is_acceptor
+            and threading.current_thread() is assoc.dul
+            and assoc._reactor_checkpoint.is_set()
+            and not assoc._sent_release
+            and self.empty()
+        ):
+            assoc._serve_request(primitive, context_id)
+            return
+        super().put(item, block, timeout)
+
+
 def _activity(assoc: Any) -> threading.Event:
     event = getattr(assoc, "_vn_activity", None)
     if event is None:
@@ -254,10 +288,11 @@ def apply() -> None:
                 wake.wake()
 
         orig_dimse_init = dimse.DIMSEServiceProvider.__init__
+        c_store = dimse_primitives.C_STORE
 
         def dimse_init(self: Any, assoc: Any) -> None:
             orig_dimse_init(self, assoc)
-            self.msg_queue = _NotifyingQueue(_activity(assoc).set)
+            self.msg_queue = _MessageQueue(assoc, c_store)
 
         dul_cls.__init__ = dul_init  # type: ignore[method-assign]
         dul_cls.run_reactor = run_reactor  # type: ignore[method-assign]

@@ -1,13 +1,16 @@
 """DICOMweb benchmark: vnpacs (PostgreSQL index, filesystem blobs) against Orthanc + its DICOMweb plugin.
 
-Loads the same cached synthetic CT set plus one larger study into both servers with DCMTK storescu,
-audits that every instance arrived, then times QIDO-RS searches, study metadata, whole-study WADO-RS,
-single frames and thumbnails over one keep-alive httpx client per server, and writes
+Loads the same cached synthetic CT sets into both servers with DCMTK storescu (4 parallel associations):
+the QIDO set, by default 1,000 studies × 2 series × 50 slices of 64×64 (100,000 instances, so that study
+searches run against an archive of realistic size), plus one large study of 2 × 100 slices of 512×512 for
+metadata, whole-study WADO-RS, frames and thumbnails. Audits that every instance arrived, then times
+QIDO-RS study searches (patient name prefix, date range, accession number), study metadata, whole-study
+WADO-RS, single frames and thumbnails over one keep-alive httpx client per server, and writes
 bench/results/dicomweb.md. A measurement whose responses are wrong (status, empty body, wrong result
 count) is reported as FAILED instead of a number.
 
-    python -m bench.dicomweb                                  # 10 × 2 × 50 slices + a 2 × 100 study
-    python -m bench.dicomweb --studies 2 --slices 10 --large-slices 10 --requests 10
+    python -m bench.dicomweb                  # 1000 × 2 × 50 slices 64×64 (100,000) + a 2 × 100 512×512 study
+    python -m bench.dicomweb --studies 20 --slices 10 --large-slices 10 --requests 10   # a quick small run
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from bench.ingest import (
     _tool_version,
     add_dataset_args,
     bench_console,
-    cfind_count,
+    cfind_study_instances,
     have_storescu,
     prepare_ct_set,
     prepare_dataset,
@@ -84,7 +87,7 @@ class Server:
 @dataclass
 class Row:
     measurement: str
-    unit: str  # "ms" (lower is better) or "MB/s" (higher is better)
+    unit: str  # "ms" (lower is better), "MB/s" or "inst/s" (higher is better)
     values: dict[str, float | None] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -101,14 +104,17 @@ class Row:
         value = self.values.get(name)
         if value is None:
             return "–"
-        return f"{value:.1f}" if self.unit == "MB/s" or value >= 10 else f"{value:.2f}"
+        return f"{value:.1f}" if self.unit != "ms" or value >= 10 else f"{value:.2f}"
 
 
 # --------------------------------------------------------------------------- data facts
 
 
 def study_facts(files: Sequence[Path]) -> list[StudyFacts]:
-    """Study-level attributes read from one file per study directory (study_NNN/series_NN/NNNN.dcm)."""
+    """Study-level attributes read from one file per study directory (study_NNN/series_NN/NNNN.dcm).
+
+    One header per study, not per instance: about a second for the 1,000 studies of the default set.
+    """
     seen: dict[Path, Path] = {}
     for f in files:
         seen.setdefault(f.parent.parent, f)
@@ -275,7 +281,10 @@ def start_servers(workdir: Path, args: argparse.Namespace, console: Console) -> 
             "vnpacs",
             vn_client,
             Target(
-                vn, vn.dicom_port, vn.ae_title, lambda b: cfind_count(vn.dicom_port, vn.ae_title, args.calling_aet, b)
+                vn,
+                vn.dicom_port,
+                vn.ae_title,
+                lambda b: cfind_study_instances(vn.dicom_port, vn.ae_title, args.calling_aet, b),
             ),
         )
         orthanc = stack.enter_context(start_orthanc(workdir / "orthanc", dicomweb=True))
@@ -298,7 +307,7 @@ def load(server: Server, bench: BenchSet, args: argparse.Namespace, console: Con
         port=target.port,
         aet=target.aet,
         calling_aet=args.calling_aet,
-        assocs=1,
+        assocs=args.assocs,
         timeout=args.push_timeout,
     )
     error = error or verify(target, bench, args.verify_timeout)
@@ -308,7 +317,10 @@ def load(server: Server, bench: BenchSet, args: argparse.Namespace, console: Con
         console.print(target.service.log_tail(15), markup=False, highlight=False)
     else:
         server.load_seconds = seconds
-        console.print(f"{LABELS[server.name]:8} loaded {bench.count} instances in {seconds:.1f}s")
+        console.print(
+            f"{LABELS[server.name]:8} loaded {bench.count} instances in {seconds:.1f}s "
+            f"({bench.count / seconds:.0f} instances/s)"
+        )
 
 
 # --------------------------------------------------------------------------- the run
@@ -335,13 +347,15 @@ def run(
     n = args.requests
 
     rows: list[Row] = []
-    load_row = Row("C-STORE load, storescu 1 assoc (MB/s)", "MB/s")
+    load_row = Row(
+        f"C-STORE load of {everything.count:,} instances, storescu {args.assocs} assoc (instances/s)", "inst/s"
+    )
     rows.append(load_row)
     for name, server in servers.items():
         if server.load_error:
             load_row.errors[name] = server.load_error
         elif server.load_seconds:
-            load_row.values[name] = everything.total_bytes / 1e6 / server.load_seconds
+            load_row.values[name] = everything.count / server.load_seconds
 
     def measure(row: Row, name: str, fn: Callable[[Server], float]) -> None:
         server = servers[name]
@@ -388,11 +402,20 @@ def run(
     # 2. QIDO study searches.
     base = {"limit": str(limit)}
     name_q = [dict(base, PatientName=f"{family}*")] * n
-    pair(f"QIDO PatientName={family}*", lambda s: qido(s.client, name_q, [min(family_count, limit)] * n))
+    pair(
+        f"QIDO PatientName={family}* ({family_count} studies match)",
+        lambda s: qido(s.client, name_q, [min(family_count, limit)] * n),
+    )
     prefix_q = [dict(base, PatientName=f"{prefix}*")] * n
-    pair(f"QIDO PatientName={prefix}* (ASCII)", lambda s: qido(s.client, prefix_q, [min(prefix_count, limit)] * n))
+    pair(
+        f"QIDO PatientName={prefix}* (ASCII, {prefix_count} studies match)",
+        lambda s: qido(s.client, prefix_q, [min(prefix_count, limit)] * n),
+    )
     date_q = [dict(base, StudyDate=drange)] * n
-    pair(f"QIDO StudyDate={drange}", lambda s: qido(s.client, date_q, [min(drange_count, limit)] * n))
+    pair(
+        f"QIDO StudyDate={drange} ({drange_count} studies match)",
+        lambda s: qido(s.client, date_q, [min(drange_count, limit)] * n),
+    )
     acc_facts = [facts[i % len(facts)] for i in range(n)]
     acc_q = [dict(base, AccessionNumber=f.accession) for f in acc_facts]
     acc_want = [sum(g.accession == f.accession for g in facts) for f in acc_facts]
@@ -417,7 +440,7 @@ def run(
 
     # 4. Single frames and 5. thumbnails, cycling over the large study's instances.
     picks = [large_instances[i % len(large_instances)] for i in range(n)]
-    min_frame = args.rows * args.cols * 2
+    min_frame = args.large_rows * args.large_cols * 2
 
     def frames(server: Server) -> list[float]:
         first = f"/studies/{large_uid}/series/{picks[0][0]}/instances/{picks[0][1]}/frames/1"
@@ -463,7 +486,8 @@ def _cells(row: Row) -> list[str]:
 
 def rich_table(rows: list[Row], title: str) -> Table:
     table = Table(
-        title=title, caption="ratio: Orthanc time / vnpacs time, or vnpacs MB/s / Orthanc MB/s (>1 = vnpacs faster)"
+        title=title,
+        caption="ratio: Orthanc time / vnpacs time, or vnpacs rate / Orthanc rate (>1 = vnpacs faster)",
     )
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "Measurement" else "right")
@@ -478,6 +502,8 @@ def _package_version(name: str) -> str:
 
 def markdown(rows: list[Row], sets: list[BenchSet], servers: dict[str, Server], args: argparse.Namespace) -> str:
     notes = [note for s in servers.values() for note in (f"{LABELS[s.name]} {n}" for n in s.notes)]
+    total = sum(s.count for s in sets)
+    studies = len({ref.study_uid for s in sets for ref in s.series})
     lines = [
         "# DICOMweb benchmark",
         "",
@@ -488,15 +514,21 @@ def markdown(rows: list[Row], sets: list[BenchSet], servers: dict[str, Server], 
         f"- Orthanc: `{_tool_version(['/usr/sbin/Orthanc', '--version'])}` (SQLite index, no compression) with "
         f"orthanc-dicomweb {_package_version('orthanc-dicomweb')}",
         *(f"- Data: {s.description}" for s in sets),
-        f"- Load: DCMTK storescu, 1 association, max PDU {MAX_PDU}, TCP_NODELAY=1; both servers audited "
-        "(vnpacs: C-FIND per series; Orthanc: /statistics) before anything is timed.",
+        f"- Load: all {total:,} instances into each fresh server with DCMTK storescu, {args.assocs} parallel "
+        f"association{'s' if args.assocs > 1 else ''} (files split into equal contiguous groups), "
+        f"max PDU {MAX_PDU}, TCP_NODELAY=1; instances/s is wall clock from launching storescu to the last one "
+        "exiting. Both servers are audited before anything is timed (vnpacs: STUDY-level C-FIND, "
+        "NumberOfStudyRelatedInstances of every study equal to the study's instance count; Orthanc: /statistics "
+        "CountInstances).",
         f"- Client: httpx {httpx.__version__}, one keep-alive connection per server, requests sent one at a time; "
         "time is from sending the request to the last body byte.",
-        f"- QIDO: {args.requests} requests per search, `limit={args.qido_limit}`; every answer must hold the number "
-        "of studies the data set implies. The PatientName prefix keeps its accents (Orthanc matches "
-        "accent-sensitively, vnpacs accent-insensitively; the family is chosen so both match the same studies). "
-        "Orthanc 1.10 + DICOMweb 1.7 returns no study for any percent-encoded non-ASCII QIDO value, so the "
-        "accented search fails there; the ASCII start of the same family name (e.g. `Nguy*`) is timed as well.",
+        f"- QIDO: study searches over everything loaded ({studies:,} studies, {total:,} instances); "
+        f"{args.requests} requests per search, `limit={args.qido_limit}`; every answer must hold the number "
+        "of studies the data set implies (the matching studies, capped at the limit). The PatientName prefix "
+        "keeps its accents (Orthanc matches accent-sensitively, vnpacs accent-insensitively; the family is "
+        "chosen so both match the same studies). Orthanc 1.10 + DICOMweb 1.7 returns no study for any "
+        "percent-encoded non-ASCII QIDO value, so the accented search fails there; the ASCII start of the same "
+        "family name (e.g. `Nguy*`) is timed as well.",
         f"- Metadata: `/studies/{{uid}}/metadata` of the large study; first request, then median of "
         f"{args.metadata_repeats} repeats. Instance count checked.",
         f"- WADO-RS: `/studies/{{uid}}` with `Accept: {DICOM_ALL}`, streamed, part count checked; "
@@ -505,7 +537,8 @@ def markdown(rows: list[Row], sets: list[BenchSet], servers: dict[str, Server], 
         "`.../rendered` (the plugin has no /thumbnail), `Accept: image/jpeg`; "
         f"{args.requests} requests cycling over the large study's instances.",
         *(f"- Note: {n}" for n in notes),
-        "- Ratio: Orthanc time / vnpacs time for latencies, vnpacs MB/s / Orthanc MB/s for throughput; "
+        "- Ratio: Orthanc time / vnpacs time for latencies, vnpacs rate / Orthanc rate (MB/s, instances/s) for "
+        "throughput; "
         ">1 means vnpacs is faster.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -525,9 +558,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_dataset_args(p, slices=50)
+    add_dataset_args(p, slices=50, studies=1000, rows=64, cols=64)  # the QIDO set
     p.add_argument("--large-series", type=int, default=2, help="series of the large (metadata/retrieve) study")
     p.add_argument("--large-slices", type=int, default=100, help="slices per series of the large study")
+    p.add_argument("--large-rows", type=int, default=512)
+    p.add_argument("--large-cols", type=int, default=512)
+    p.add_argument("--assocs", type=int, default=4, help="parallel storescu associations for the load")
     p.add_argument("--requests", type=int, default=50, help="requests per QIDO/frame/thumbnail measurement")
     p.add_argument("--metadata-repeats", type=int, default=10, help="warm study-metadata requests")
     p.add_argument("--retrieves", type=int, default=3, help="whole-study retrieves (median reported)")
@@ -538,13 +574,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=BENCH_DIR / "results" / "dicomweb.md")
     p.add_argument("--calling-aet", default="STORESCU")
     p.add_argument("--vnpacs-env", action="append", default=[], metavar="KEY=VALUE", help="extra vnpacs environment")
-    p.add_argument("--push-timeout", type=float, default=1800.0)
+    p.add_argument("--push-timeout", type=float, default=3600.0)
     p.add_argument("--verify-timeout", type=float, default=60.0)
     p.add_argument("--http-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     if any("=" not in kv for kv in args.vnpacs_env):
         p.error("--vnpacs-env takes KEY=VALUE")
-    if min(args.requests, args.metadata_repeats, args.retrieves, args.studies, args.large_slices) < 1:
+    counts = (args.requests, args.metadata_repeats, args.retrieves, args.assocs, args.studies, args.series)
+    if min(*counts, args.slices, args.large_series, args.large_slices) < 1:
         p.error("counts must be at least 1")
     return args
 
@@ -556,13 +593,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     ct = prepare_dataset(args, console)
+    ct = BenchSet(ct.files, ct.series, ct.total_bytes, "QIDO set: " + ct.description)
     large = prepare_ct_set(
         args.cache_dir,
         studies=1,
         series=args.large_series,
         slices=args.large_slices,
-        rows=args.rows,
-        cols=args.cols,
+        rows=args.large_rows,
+        cols=args.large_cols,
         seed=args.seed + 1000,  # other UIDs than the main set
         console=console,
     )

@@ -209,15 +209,28 @@ def warm_page_cache(files: Sequence[Path]) -> None:
 def push(
     files: Sequence[Path], *, port: int, aet: str, calling_aet: str, assocs: int, timeout: float
 ) -> tuple[float, str | None]:
-    """Send `files` with `assocs` concurrent storescu processes; (wall seconds, error or None)."""
+    """Send `files` with `assocs` concurrent storescu processes; (wall seconds, error or None).
+
+    Each process reads its file names from a DCMTK command file (`@file`): tens of thousands of paths on the
+    command line would exceed the kernel's argument size limit (E2BIG).
+    """
+    if any('"' in str(f) for f in files):
+        raise ValueError('storescu command files cannot quote a path containing "')
     size = -(-len(files) // assocs)
     groups = [files[i : i + size] for i in range(0, len(files), size)]
     env = dict(os.environ, TCP_NODELAY="1")
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
+    lists: list[Path] = []
     t0 = time.perf_counter()
     try:
         for group in groups:
+            fd, list_name = tempfile.mkstemp(prefix="storescu-", suffix=".args")
+            lists.append(Path(list_name))
+            with os.fdopen(fd, "w") as fh:
+                fh.writelines(f'"{f}"\n' for f in group)
+        t0 = time.perf_counter()  # writing the lists is not part of the push
+        for file_list in lists:
             fd, log_name = tempfile.mkstemp(prefix="storescu-", suffix=".log")
             logs.append(Path(log_name))
             cmd = [
@@ -231,7 +244,7 @@ def push(
                 str(MAX_PDU),
                 "127.0.0.1",
                 str(port),
-                *map(str, group),
+                f"@{file_list}",
             ]
             procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd))
             os.close(fd)
@@ -253,7 +266,7 @@ def push(
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for log in logs:
+        for log in logs + lists:
             log.unlink(missing_ok=True)
 
 
@@ -287,21 +300,69 @@ def cfind_count(port: int, aet: str, calling_aet: str, bench: BenchSet) -> int:
     return found
 
 
+def cfind_study_instances(port: int, aet: str, calling_aet: str, bench: BenchSet, chunk: int = 500) -> int:
+    """Instances of `bench` the server reports, via STUDY-level C-FIND of NumberOfStudyRelatedInstances.
+
+    One query per `chunk` studies (UID list matching), so auditing 100,000 instances takes a few requests instead
+    of one IMAGE-level C-FIND per series. Each study counts at most the instances `bench` holds for it, so only a
+    study that has all of its instances adds up to the total; this relies on the server starting empty (a count
+    cannot tell one SOP Instance UID from another).
+    """
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore
+
+    expected: dict[str, int] = {}
+    for ref in bench.series:
+        expected[ref.study_uid] = expected.get(ref.study_uid, 0) + len(ref.sop_uids)
+    uids = sorted(expected)
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(FIND)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    if not assoc.is_established:
+        raise ServiceError("C-FIND association rejected")
+    found: dict[str, int] = {}
+    try:
+        for i in range(0, len(uids), chunk):
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = "\\".join(uids[i : i + chunk])
+            query.NumberOfStudyRelatedInstances = ""
+            for status, ident in assoc.send_c_find(query, FIND):
+                code = status.Status if status else None
+                if code in (0xFF00, 0xFF01) and ident is not None:
+                    found[str(ident.StudyInstanceUID)] = int(ident.get("NumberOfStudyRelatedInstances") or 0)
+                elif code != 0x0000:
+                    raise ServiceError(f"C-FIND failed: status {code if code is None else f'0x{code:04X}'}")
+    finally:
+        assoc.release()
+    return sum(min(found.get(uid, 0), n) for uid, n in expected.items())
+
+
 def verify(target: Target, bench: BenchSet, timeout: float) -> str | None:
     """None when the target holds every instance (polls briefly for asynchronous indexing)."""
     counter = target.count
     if counter is None:
         return None
     last = -1
+    error: Exception | None = None
 
     def complete() -> bool:
-        nonlocal last
-        last = counter(bench)
+        nonlocal last, error
+        try:
+            last = counter(bench)
+        except Exception as exc:
+            error = exc
+            raise
+        error = None
         return last >= bench.count
 
     try:
         wait_until(complete, timeout=timeout, what="verification", interval=0.2)
     except ServiceError:
+        if error is not None:
+            return f"audit failed: {type(error).__name__}: {error}"
         return f"lost data: {last}/{bench.count} instances found"
     return None
 
@@ -513,13 +574,15 @@ def prepare_dataset(args: argparse.Namespace, console: Console) -> BenchSet:
     )
 
 
-def add_dataset_args(p: argparse.ArgumentParser, *, slices: int) -> None:
+def add_dataset_args(
+    p: argparse.ArgumentParser, *, slices: int, studies: int = 10, rows: int = 512, cols: int = 512
+) -> None:
     """The synthetic data set's shape, shared by the benchmarks."""
-    p.add_argument("--studies", type=int, default=10)
+    p.add_argument("--studies", type=int, default=studies)
     p.add_argument("--series", type=int, default=2, help="series per study")
     p.add_argument("--slices", type=int, default=slices, help="slices per series")
-    p.add_argument("--rows", type=int, default=512)
-    p.add_argument("--cols", type=int, default=512)
+    p.add_argument("--rows", type=int, default=rows)
+    p.add_argument("--cols", type=int, default=cols)
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from rich.console import Console
@@ -270,9 +271,9 @@ def push(
             log.unlink(missing_ok=True)
 
 
-def cfind_count(port: int, aet: str, calling_aet: str, bench: BenchSet) -> int:
-    """Instances of `bench` the server reports, via IMAGE-level C-FIND per known series."""
-    from pydicom.dataset import Dataset
+@contextlib.contextmanager
+def _find_association(port: int, aet: str, calling_aet: str) -> Iterator[Any]:
+    """A Study Root C-FIND association to the server, released on exit."""
     from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore
 
@@ -282,8 +283,19 @@ def cfind_count(port: int, aet: str, calling_aet: str, bench: BenchSet) -> int:
     assoc = ae.associate("127.0.0.1", port, ae_title=aet)
     if not assoc.is_established:
         raise ServiceError("C-FIND association rejected")
-    found = 0
     try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
+def cfind_count(port: int, aet: str, calling_aet: str, bench: BenchSet) -> int:
+    """Instances of `bench` the server reports, via IMAGE-level C-FIND per known series."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore
+
+    found = 0
+    with _find_association(port, aet, calling_aet) as assoc:
         for ref in bench.series:
             query = Dataset()
             query.QueryRetrieveLevel = "IMAGE"
@@ -295,8 +307,6 @@ def cfind_count(port: int, aet: str, calling_aet: str, bench: BenchSet) -> int:
                 if status and status.Status in (0xFF00, 0xFF01) and ident is not None:
                     sops.add(str(ident.get("SOPInstanceUID", "")))
             found += len(sops & ref.sop_uids)
-    finally:
-        assoc.release()
     return found
 
 
@@ -309,21 +319,14 @@ def cfind_study_instances(port: int, aet: str, calling_aet: str, bench: BenchSet
     cannot tell one SOP Instance UID from another).
     """
     from pydicom.dataset import Dataset
-    from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore
 
     expected: dict[str, int] = {}
     for ref in bench.series:
         expected[ref.study_uid] = expected.get(ref.study_uid, 0) + len(ref.sop_uids)
     uids = sorted(expected)
-    ae = AE(ae_title=calling_aet)
-    ae.add_requested_context(FIND)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
-    if not assoc.is_established:
-        raise ServiceError("C-FIND association rejected")
     found: dict[str, int] = {}
-    try:
+    with _find_association(port, aet, calling_aet) as assoc:
         for i in range(0, len(uids), chunk):
             query = Dataset()
             query.QueryRetrieveLevel = "STUDY"
@@ -335,8 +338,6 @@ def cfind_study_instances(port: int, aet: str, calling_aet: str, bench: BenchSet
                     found[str(ident.StudyInstanceUID)] = int(ident.get("NumberOfStudyRelatedInstances") or 0)
                 elif code != 0x0000:
                     raise ServiceError(f"C-FIND failed: status {code if code is None else f'0x{code:04X}'}")
-    finally:
-        assoc.release()
     return sum(min(found.get(uid, 0), n) for uid, n in expected.items())
 
 

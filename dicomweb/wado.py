@@ -9,6 +9,7 @@ keyed by each object's SHA-256 and carries an ETag.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -18,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 from pydicom import dcmread
@@ -417,6 +417,7 @@ def _multipart_length(objects: list[StoredObject], boundary: str) -> int:
 
 
 _MAP_GROUP_BYTES = 16 * 1024 * 1024
+_FIRST_GROUP_BYTES = 1024 * 1024
 _Piece = bytes | tuple[str, int, int, int]  # literal bytes, or (blob key, offset, length, object size)
 
 
@@ -442,8 +443,8 @@ async def _mapped_multipart(
 ) -> AsyncIterator[bytes | memoryview]:
     """The multipart body of stored objects from the filesystem, handed to the socket straight from the page cache.
 
-    Objects are memory-mapped (and paged in) in a worker thread, a few MB at a time; the event loop then writes the
-    maps to the socket, so the only copy of the bytes is the kernel's into the socket. Large objects are mapped in
+    Objects are memory-mapped (and paged in) in a worker thread, a group of a few MB ahead of the one the event loop
+    writes to the socket, so the only copy of the bytes is the kernel's into the socket. Large objects are mapped in
     windows, so memory stays bounded whatever the object size. A blob that cannot be read ends the body short.
     """
     plan: list[_Piece] = []
@@ -455,19 +456,29 @@ async def _mapped_multipart(
             plan.append((obj.blob_key, offset, min(_MAP_GROUP_BYTES, obj.size - offset), obj.size))
         literal = b"\r\n"
     plan.append(literal + f"--{boundary}--\r\n".encode("ascii"))
-    start = 0
+    # Groups of pieces to map at once: a small first one, so the first bytes leave at once, then larger ones.
+    groups: list[tuple[int, int]] = []
+    start, budget = 0, _FIRST_GROUP_BYTES
     while start < len(plan):
         end, mapped = start, 0
-        while end < len(plan) and mapped < _MAP_GROUP_BYTES:
+        while end < len(plan) and mapped < budget:
             piece = plan[end]
             mapped += 0 if isinstance(piece, bytes) else piece[2]
             end += 1
-        group = await anyio.to_thread.run_sync(_map_pieces, blobs, plan[start:end])
+        groups.append((start, end))
+        start, budget = end, _MAP_GROUP_BYTES
+    # While the loop writes one group, a worker thread maps and pages in the next.
+    loop = asyncio.get_running_loop()
+    pending = loop.run_in_executor(None, _map_pieces, blobs, plan[groups[0][0] : groups[0][1]])
+    for index, (start, end) in enumerate(groups):
+        group = await pending
+        if index + 1 < len(groups):
+            after = groups[index + 1]
+            pending = loop.run_in_executor(None, _map_pieces, blobs, plan[after[0] : after[1]])
         for data in group:
             yield data
         if len(group) < end - start:
             return
-        start = end
 
 
 def _multipart(

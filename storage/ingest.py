@@ -8,6 +8,7 @@ an index row without its bytes.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import hashlib
 import logging
@@ -26,12 +27,21 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from sqlalchemy import Connection, Engine, delete, exists, insert, select, update
+from sqlalchemy import Connection, Engine, delete, exists, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from storage.blobstore import BlobStore, BlobStoreError, blob_key_for
 from storage.db import DatabaseError
-from storage.models import Instance, InstanceConflict, Patient, PatientIdentifier, Series, Study, utcnow
+from storage.models import (
+    BlobDeletion,
+    Instance,
+    InstanceConflict,
+    Patient,
+    PatientIdentifier,
+    Series,
+    Study,
+    utcnow,
+)
 from storage.pixels import UNDEFINED, element_header
 from storage.query import StoredObject
 from storage.text import nfc, search_key
@@ -353,6 +363,8 @@ class _IndexJob:
     row: dict[str, Any]
     study_uid: str
     series_uid: str
+    path: Path  # the object's bytes, still in place: the blob can be written again if a deleter removed it
+    adopt: bool = False
     replace: bool = False
     outcome: Outcome | None = None
     error: BaseException | None = None
@@ -477,6 +489,7 @@ class Archive:
         # it on return and SQLAlchemy's per-connection setup cost more than the INSERT itself. Only the leader
         # uses it (one batch at a time); it is dropped on any database error and opened again for the next batch.
         self._leader_conn: Connection | None = None
+        self._postgres = dialect == "postgresql"
         # Called after each durable store (outside the index transaction); they must return quickly.
         self.listeners: list[Callable[[IngestResult], None]] = []
 
@@ -597,7 +610,7 @@ class Archive:
         except BlobStoreError as exc:
             raise StorageUnavailable(f"blob store: {exc}") from exc
         row = self._instance_row(ds, header, key, calling_ae, source, sop_class, sop_instance)
-        return self._committer.submit(_IndexJob(ds, row, study_uid, series_uid, replace))
+        return self._committer.submit(_IndexJob(ds, row, study_uid, series_uid, path, adopt, replace))
 
     def _leader_connection(self) -> Connection:
         conn = self._leader_conn
@@ -617,10 +630,12 @@ class Archive:
             try:
                 outcomes = self._index_many(jobs)
             except SQLAlchemyError as exc:
-                if not getattr(exc, "connection_invalidated", False):
+                if getattr(exc, "connection_invalidated", False):
+                    # The kept connection died while idle (a database restart): once more on a fresh one.
+                    self._drop_leader_connection()
+                elif _sqlstate(exc) not in _RETRYABLE:
                     raise  # an integrity error leaves the connection usable; any other drops it below
-                # The kept connection died while idle (a database restart): once more on a fresh one.
-                self._drop_leader_connection()
+                # A deadlock or serialisation failure with another node's transaction: rolled back, so once more.
                 outcomes = self._index_many(jobs)
         except IntegrityError:
             # A cached parent row was deleted by another node: forget the caches and index each object alone.
@@ -676,12 +691,19 @@ class Archive:
         patients: dict[tuple[str, str], int] = {}
         studies: dict[str, int] = {}
         series: dict[str, int] = {}
-        outcomes: list[Outcome] = []
+        outcomes: list[Outcome | None] = [None] * len(jobs)
         conn = self._leader_connection()
+        # Rows are locked in one order (patient, study, series) by every writer on every node, so two batches
+        # filling the same series in different orders cannot deadlock on the series rows the count triggers update.
+        keyed = sorted(
+            (((_str(job.ds, "PatientID"), _str(job.ds, "IssuerOfPatientID")), job.study_uid, job.series_uid), n)
+            for n, job in enumerate(jobs)
+        )
         with self._write_lock, conn.begin():
-            for job in jobs:
+            self._guard_blobs(conn, jobs)
+            for (patient_key, _, _), n in keyed:
+                job = jobs[n]
                 ds = job.ds
-                patient_key = (_str(ds, "PatientID"), _str(ds, "IssuerOfPatientID"))
                 patient_pk = caches.patients.get(patient_key) or patients.get(patient_key)
                 if patient_pk is None:
                     patient_pk = patients[patient_key] = self._upsert_patient(conn, ds, patient_key)
@@ -697,7 +719,7 @@ class Archive:
                     )
                 row = {**job.row, "series_pk": series_pk}
                 inserted = conn.execute(self._insert_instance, row).rowcount
-                outcomes.append("stored" if inserted else self._duplicate(conn, row, job.replace))
+                outcomes[n] = "stored" if inserted else self._duplicate(conn, row, job.replace)
         # Only now, after the commit: a rolled-back row must never be cached.
         with self._cache_lock:
             if max(len(caches.patients), len(caches.studies), len(caches.series)) > 200_000:
@@ -705,7 +727,92 @@ class Archive:
             caches.patients.update(patients)
             caches.studies.update(studies)
             caches.series.update(series)
-        return outcomes
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    # ---- blobs deleted while the same bytes are being stored ------------------------------------------------
+
+    def _lock_keys(self, conn: Connection, keys: list[str], *, shared: bool) -> None:
+        """PostgreSQL: advisory locks on blob keys, taken in one order everywhere (no deadlock between deleters
+        and commits). Shared ones (index commits) last until the transaction ends, exclusive ones (deleters) until
+        `_unlock_keys`, across their commit. SQLite needs none: its writers already queue on `_write_lock`."""
+        if not self._postgres or not keys:
+            return
+        ids = sorted({_lock_id(key) for key in keys})
+        function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_lock"
+        conn.execute(text(f"SELECT {function}(k) FROM unnest(CAST(:ids AS bigint[])) AS k"), {"ids": ids})
+
+    def _guard_blobs(self, conn: Connection, jobs: list[_IndexJob]) -> None:
+        """Inside an index commit, before its rows: write again any blob of this batch that a deleter removed after
+        it was written (the same bytes stored by a crashed process and now recovered, or an object deleted as a
+        correction while a modality sends it again). The lock makes each deleter's check-and-delete happen either
+        wholly before this (its row is then visible here) or wholly after (this commit's rows then keep the blob)."""
+        keys = sorted({job.row["blob_key"] for job in jobs})
+        self._lock_keys(conn, keys, shared=True)
+        deleted = set(conn.execute(select(BlobDeletion.blob_key).where(BlobDeletion.blob_key.in_(keys))).scalars())
+        for job in jobs:
+            key = job.row["blob_key"]
+            if key not in deleted:
+                continue
+            try:
+                if not self.blobs.exists(key):
+                    log.warning("blob %s was deleted while its object was being stored: writing it again", key)
+                    self.blobs.put_file(key, job.path, job.row["size"], adopt=job.adopt)
+            except BlobStoreError as exc:
+                raise StorageUnavailable(f"blob store: {exc}") from exc
+            deleted.discard(key)
+
+    def _remove_unreferenced_blobs(self, keys: set[str]) -> tuple[list[str], list[str]]:
+        """Delete the blobs among `keys` that no index row references; returns (keys deleted, keys that could not
+        be deleted).
+
+        For each chunk: lock the keys (so no commit of them runs meanwhile), note them as deleted and commit that
+        note, check the references, delete, unlock. The note is committed before any blob goes, so a commit after a
+        crash of this process in the middle still sees it. Raises StorageUnavailable when the index cannot be
+        reached; a blob that cannot be deleted is left as an orphan (`vnpacs verify` lists it).
+        """
+        removed: list[str] = []
+        failed: list[str] = []
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), 256):
+            chunk = ordered[start : start + 256]
+            try:
+                with self._write_lock, self.engine.connect() as conn:
+                    try:
+                        self._lock_keys(conn, chunk, shared=False)
+                        referenced = set(
+                            conn.execute(select(Instance.blob_key).where(Instance.blob_key.in_(chunk))).scalars()
+                        )
+                        referenced |= set(
+                            conn.execute(
+                                select(InstanceConflict.blob_key).where(InstanceConflict.blob_key.in_(chunk))
+                            ).scalars()
+                        )
+                        doomed = [key for key in chunk if key not in referenced]
+                        if doomed:
+                            now = utcnow()
+                            conn.execute(delete(BlobDeletion).where(BlobDeletion.blob_key.in_(doomed)))
+                            conn.execute(insert(BlobDeletion), [{"blob_key": k, "deleted_at": now} for k in doomed])
+                            conn.execute(delete(BlobDeletion).where(BlobDeletion.deleted_at < now - _DELETION_MEMORY))
+                        conn.commit()
+                        for key in doomed:
+                            try:
+                                self.blobs.delete(key)
+                            except BlobStoreError as exc:
+                                log.error("cannot remove unreferenced blob %s, left as an orphan: %s", key, exc)
+                                failed.append(key)
+                                continue
+                            removed.append(key)
+                    finally:
+                        if self._postgres:
+                            try:
+                                conn.rollback()
+                                conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                                conn.commit()
+                            except SQLAlchemyError:
+                                conn.invalidate()  # a closed session holds no lock
+            except SQLAlchemyError as exc:
+                raise StorageUnavailable(f"database: {exc.__class__.__name__}: {_short(exc)}") from exc
+        return removed, failed
 
     def _upsert(self, conn: Connection, model: Any, uid_column: str, uid: str, values: dict[str, Any]) -> int:
         column = getattr(model, uid_column)
@@ -821,20 +928,12 @@ class Archive:
                     delete(PatientIdentifier).where(~exists().where(Study.patient_pk == PatientIdentifier.patient_pk))
                 )
                 conn.execute(delete(Patient).where(~exists().where(Study.patient_pk == Patient.pk)))
-                # A blob still referenced by another row (identical bytes elsewhere) must stay.
-                still = set(conn.execute(select(Instance.blob_key).where(Instance.blob_key.in_(keys))).scalars())
-                still |= set(
-                    conn.execute(select(InstanceConflict.blob_key).where(InstanceConflict.blob_key.in_(keys))).scalars()
-                )
         except SQLAlchemyError as exc:
             raise StorageUnavailable(f"database: {exc.__class__.__name__}: {_short(exc)}") from exc
         finally:
             self.invalidate()
-        for key in sorted(keys - still):
-            try:
-                self.blobs.delete(key)
-            except BlobStoreError as exc:
-                log.error("index rows of %s removed, blob left as an orphan: %s", key, exc)
+        # A blob still referenced by another row (identical bytes elsewhere, or sent again meanwhile) stays.
+        self._remove_unreferenced_blobs(keys)
         return len(set(uids))
 
     # ---- health ---------------------------------------------------------------------------------------------
@@ -853,8 +952,8 @@ class Archive:
         """After a crash: delete blobs whose write began but whose index row never committed. Returns their keys.
 
         A blob is spared when the same object is in flight in a live process on this node (serve and import share
-        the data folder). Known gap: in a multi-node deployment sharing one bucket, another node storing the very
-        same bytes while this node recovers could lose its blob between its write and its commit.
+        the data folder). Another node storing the very same bytes meanwhile is covered by the deletion protocol
+        (`_remove_unreferenced_blobs`, `_guard_blobs`): its commit writes the blob again if this deleted it.
         """
         if self.journal is None:
             return []
@@ -864,29 +963,30 @@ class Archive:
             pending |= Journal.pending_in(path)
         for path in live:
             pending -= Journal.pending_in(path)
-        removed: list[str] = []
-        if pending:
-            with self.engine.connect() as conn:
-                referenced = set(
-                    conn.execute(select(Instance.blob_key).where(Instance.blob_key.in_(pending))).scalars()
-                )
-                referenced |= set(
-                    conn.execute(
-                        select(InstanceConflict.blob_key).where(InstanceConflict.blob_key.in_(pending))
-                    ).scalars()
-                )
-            for key in sorted(pending - referenced):
-                try:
-                    self.blobs.delete(key)
-                except BlobStoreError as exc:
-                    log.error("cannot remove unacknowledged blob %s: %s", key, exc)
-                    return removed
-                removed.append(key)
+        removed, failed = self._remove_unreferenced_blobs(pending)
+        if failed:
+            return removed  # the journals stay as they are: the next start tries again
         self.journal.reset()
         for path in dead:
             if path != self.journal.path:
                 path.unlink(missing_ok=True)
         return removed
+
+
+# How long a deleted blob's key is remembered: far longer than any write waits for its index commit.
+_DELETION_MEMORY = dt.timedelta(days=1)
+
+# PostgreSQL: deadlock_detected and serialization_failure roll the transaction back; running it again is safe.
+_RETRYABLE = frozenset({"40P01", "40001"})
+
+
+def _sqlstate(exc: SQLAlchemyError) -> str | None:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None)
+
+
+def _lock_id(key: str) -> int:
+    """A blob key as a PostgreSQL advisory lock id (signed 64 bits)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def _short(exc: SQLAlchemyError) -> str:

@@ -190,3 +190,18 @@ class MetadataCache(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BlobDeletion(Base):
+    """A blob some node deleted because no index row referenced it (crash recovery, corrections).
+
+    Content addressing means another node may be writing the very same bytes under the same key at that moment. A
+    deleter records the key here, under a lock that index commits of that key also take, before it deletes the blob;
+    a commit of an object whose key is listed checks that its blob is still there and writes it again if not, before
+    anything is acknowledged. Rows older than a day are pruned: no write waits that long for its commit.
+    """
+
+    __tablename__ = "blob_deletion"
+
+    blob_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    deleted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

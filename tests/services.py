@@ -9,6 +9,7 @@ HTTP request) instead of sleeping, and returns an object whose ``stop()``
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -342,6 +343,9 @@ class S3Service(Service):
             client.make_bucket(bucket)
 
 
+_WEED_PROBE_BUCKET = "readiness-probe"
+
+
 def start_weed(
     workdir: Path,
     *,
@@ -402,10 +406,23 @@ def start_weed(
         ports=(master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin + 10000),
     )
     probe_client = svc.client(timeout=1.0, retries=False)
+    probe_written = False
 
     def ready() -> bool:
+        """A stored object reads back: after a restart the S3 gateway answers before the volume serves data."""
+        nonlocal probe_written
         probe_client.list_buckets()  # a real, signed S3 request
-        return True
+        if not probe_written:
+            if not probe_client.bucket_exists(_WEED_PROBE_BUCKET):
+                probe_client.make_bucket(_WEED_PROBE_BUCKET)
+            probe_client.put_object(_WEED_PROBE_BUCKET, "probe", io.BytesIO(b"ready"), 5)
+            probe_written = True
+        response = probe_client.get_object(_WEED_PROBE_BUCKET, "probe")
+        try:
+            return bool(response.read() == b"ready")
+        finally:
+            response.close()
+            response.release_conn()
 
     svc.ready = ready
     return svc.start()

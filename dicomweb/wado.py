@@ -1,7 +1,7 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
 
 Objects go out as stored, byte for byte, streamed from the blob store (`transfer-syntax=*`, or the stored syntax);
-frames are cut from the stored pixel data without decoding it (a deflated object's after inflating it). Another
+frames are cut from the stored pixel data without decoding it (a deflated object's while inflating it). Another
 transfer syntax is produced by transcoding (dicomweb.imaging: the uncompressed little-endian ones, and lossless
 re-encoding into RLE, JPEG 2000 and JPEG-LS); anything else gets 406 with the reason. Metadata comes from a cache
 keyed by each object's SHA-256 and carries an ETag.
@@ -311,7 +311,10 @@ def router(archive: Archive) -> APIRouter:
             raise HTTPException(400, f"not a tag: {tag}") from None
         try:
             with archive.blobs.local_file(obj.blob_key) as path:
-                ds = dcmread(path, stop_before_pixels=True, specific_tags=[number])
+                if obj.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+                    ds, _ = pixels.inflated_header(path)  # the header only, not the whole data set
+                else:
+                    ds = dcmread(path, stop_before_pixels=True, specific_tags=[number])
                 elem = ds.get(number)
                 data = elem.value if elem is not None and isinstance(elem.value, bytes) else None
         except BlobStoreError as exc:

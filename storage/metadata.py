@@ -20,6 +20,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from storage import pixels
 from storage.blobstore import BlobStore, blob_key_for
 from storage.ingest import IngestResult
 from storage.models import MetadataCache
@@ -37,11 +38,13 @@ def instance_path(obj: StoredObject) -> str:
 
 def header_json(path: Path, obj: StoredObject) -> str:
     """The object's header as DICOM JSON text; large values and the pixel data as BulkDataURIs."""
-    with open(path, "rb") as fp:
-        ds = dcmread(fp, stop_before_pixels=True, defer_size="1 KB")
-        has_pixels = fp.read(4)[:2] in (b"\xe0\x7f", b"\x7f\xe0")
-    if obj.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:  # fp was inside the deflate stream, not at a tag
-        has_pixels = "PixelData" in dcmread(path, defer_size="1 KB")
+    if obj.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        ds, pixel_tag = pixels.inflated_header(path)  # only the header is inflated, whatever the object's size
+        has_pixels = pixel_tag is not None
+    else:
+        with open(path, "rb") as fp:
+            ds = dcmread(fp, stop_before_pixels=True, defer_size="1 KB")
+            has_pixels = fp.read(4)[:2] in (b"\xe0\x7f", b"\x7f\xe0")
     base = ROOT + instance_path(obj)
 
     def bulk(elem: DataElement) -> str:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 PIXEL_TAGS = ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009))
@@ -92,22 +96,168 @@ def _layout(ds: Dataset, ts: str, offset: int, length: int, little: bool) -> Pix
     return info
 
 
+# Inflated bytes kept behind the read position: pydicom steps back over an element header it peeked at, or to the
+# start of an undefined-length value it tried to read as fragments, never far.
+INFLATE_WINDOW = 1024 * 1024
+_INFLATE_CHUNK = 256 * 1024  # deflated bytes read, and inflated bytes made, at a time
+
+
+class InflatedStream:
+    """The data set of a Deflated Explicit VR Little Endian file, inflated while it is read (raw deflate, PS3.5 A.5).
+
+    File-like enough for pydicom's data set reader: read() and tell(), seek() forward (inflating and dropping what is
+    passed over) and back into the last `window` bytes. There is no seeking in a deflate stream, so this is how a
+    frame near the end of a large object is reached holding a few MB, not the whole data set.
+    """
+
+    def __init__(self, raw: BinaryIO, window: int = INFLATE_WINDOW) -> None:
+        self.raw = raw
+        self.window = window
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = bytearray()
+        self._start = 0  # stream position of the buffer's first byte
+        self._pos = 0
+        self._ended = False
+
+    def _more(self) -> bytes:
+        """The next inflated bytes, at most _INFLATE_CHUNK of them; b"" at the end of the stream."""
+        while not self._ended:
+            pending = self._inflater.unconsumed_tail
+            if not pending:
+                if self._inflater.eof:
+                    break
+                pending = self.raw.read(_INFLATE_CHUNK)
+                if not pending:
+                    break
+            try:
+                out = self._inflater.decompress(pending, _INFLATE_CHUNK)
+            except zlib.error as exc:
+                raise PixelDataError(f"the deflated data set is corrupt: {exc}") from exc
+            if out:
+                return out
+        self._ended = True
+        return b""
+
+    def _fill(self, end: int, keep_from: int) -> None:
+        """Inflate until the buffer reaches stream position `end` (or the stream ends), dropping on the way what
+        lies more than a window before `keep_from`."""
+        floor = keep_from - self.window
+        while self._start + len(self._buffer) < end:
+            chunk = self._more()
+            if not chunk:
+                break
+            if self._start + len(self._buffer) + len(chunk) <= floor:  # passed over whole: never buffered
+                self._start += len(self._buffer) + len(chunk)
+                self._buffer.clear()
+                continue
+            self._buffer += chunk
+            self._trim(floor)
+
+    def _trim(self, floor: int) -> None:
+        if floor - self._start > self.window:  # in large steps: each drop moves what stays
+            drop = floor - self._start
+            del self._buffer[:drop]
+            self._start += drop
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:  # the rest: unbounded, as asked
+            self._fill(sys.maxsize, self._pos)
+            size = max(self._start + len(self._buffer) - self._pos, 0)
+        self._fill(self._pos + size, self._pos)
+        at = self._pos - self._start
+        data = bytes(self._buffer[at : at + size])
+        self._pos += len(data)
+        self._trim(self._pos - self.window)
+        return data
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("a deflate stream has no known end to seek from")
+        if offset < self._start:
+            raise io.UnsupportedOperation(f"cannot seek back to {offset}: the stream is only kept from {self._start}")
+        self._fill(offset, offset)
+        self._pos = offset
+        return offset
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return (tag.group, tag.element) in PIXEL_TAGS
+
+
+def _past_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 2
+
+
+def transfer_syntax(fp: BinaryIO) -> str:
+    """The transfer syntax in the File Meta Information of the Part 10 file `fp`, whose position is kept."""
+    at = fp.tell()
+    try:
+        read_preamble(fp, force=True)
+        meta = read_dataset(fp, False, True, stop_when=_past_file_meta)
+    finally:
+        fp.seek(at)
+    return str(meta.get("TransferSyntaxUID", ""))
+
+
+def inflated_header(path: Path, defer_size: str | None = None) -> tuple[Dataset, int | None]:
+    """The header of a deflated object up to its pixel data, with `file_meta`, and the tag of its pixel data element
+    (None: there is none); only the header is inflated."""
+    with open(path, "rb") as raw:
+        header, stream = _inflating(raw, defer_size)
+        fp = cast(BinaryIO, stream)
+        start = fp.tell()
+        if element_header(fp, False, True) is None:
+            return header, None
+        fp.seek(start)
+        group, element = struct.unpack("<HH", fp.read(4))
+        return header, group << 16 | element
+
+
+def _inflating(raw: BinaryIO, defer_size: str | None) -> tuple[Dataset, InflatedStream]:
+    """The header of the deflated Part 10 file `raw`, and its data set stream left on the element after it."""
+    read_preamble(raw, force=True)
+    meta = read_dataset(raw, False, True, stop_when=_past_file_meta)
+    stream = InflatedStream(raw)
+    header = read_dataset(cast(BinaryIO, stream), False, True, stop_when=_at_pixel_data, defer_size=defer_size)
+    header.file_meta = FileMetaDataset(meta)
+    header.set_original_encoding(False, True, header._character_set)
+    return header, stream
+
+
 def inflated_frames(path: Path, numbers: list[int] | None) -> list[bytes]:
     """Frames `numbers` (1-based; None: all) of a Deflated Explicit VR Little Endian object, as native bytes.
 
-    That syntax deflates the whole data set, not the pixel data, which is native little endian inside: the data set
-    is inflated (in memory, there is no seeking in a deflate stream) and the frames cut from its pixel data value.
+    That syntax deflates the whole data set, not the pixel data, which is native little endian inside. The data set
+    is inflated as it is read, up to the pixel data and then over it to the frames asked for (in file order, each
+    passed over once), so a frame is cut from an object of any size holding the frames and a few MB more.
     """
-    ds = dcmread(path)
-    keyword = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
-    if keyword is None:
-        raise PixelDataError("the object has no pixel data")
-    data = ds[keyword].value
-    if not isinstance(data, bytes) or ds[keyword].is_undefined_length:
-        raise PixelDataError("the deflated object's pixel data is not native")
-    info = _layout(ds, str(ds.file_meta.TransferSyntaxUID), 0, len(data), True)
-    fp = io.BytesIO(data)
-    return [read_frame(fp, info, n) for n in numbers or range(1, info.number_of_frames + 1)]
+    with open(path, "rb") as raw:
+        header, stream = _inflating(raw, "64 KB")
+        found = element_header(cast(BinaryIO, stream), False, True)
+        if found is None:
+            raise PixelDataError("the object has no pixel data")
+        info = _layout(header, DeflatedExplicitVRLittleEndian, found[0], found[1], True)
+        if info.encapsulated:
+            raise PixelDataError("the deflated object's pixel data is not native")
+        wanted = list(numbers or range(1, info.number_of_frames + 1))
+        for number in wanted:
+            if not 1 <= number <= info.number_of_frames:
+                raise IndexError(f"frame {number} out of 1..{info.number_of_frames}")
+        size = info.frame_bytes
+        frames: dict[int, bytes] = {}
+        for number in sorted(set(wanted)):
+            if number * size > info.length:
+                raise PixelDataError("pixel data shorter than its frames")
+            stream.seek(info.offset + (number - 1) * size)
+            frames[number] = stream.read(size)
+            if len(frames[number]) != size:
+                raise PixelDataError("pixel data shorter than its frames")
+    return [frames[n] for n in wanted]
 
 
 def read_frame(fp: BinaryIO, info: PixelLayout, number: int) -> bytes:

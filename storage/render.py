@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from storage import pixels
 
@@ -32,6 +32,7 @@ class NoPixelData(ImagingError):
 
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+PIXEL_DATA = 0x7FE00010
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,11 @@ class RenderOptions:
 def image_header(path: Path) -> Dataset:
     """The header up to the pixel data; NoPixelData if no pixel data follows it."""
     with open(path, "rb") as fp:
-        header = dcmread(fp, stop_before_pixels=True)
-        if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            found = any(k in dcmread(path, defer_size="1 KB") for k in PIXEL_KEYWORDS)  # fp is inflated elsewhere
+        if pixels.transfer_syntax(fp) == DeflatedExplicitVRLittleEndian:
+            header, tag = pixels.inflated_header(path)  # only the header is inflated
+            found = tag is not None
         else:
+            header = dcmread(fp, stop_before_pixels=True)
             implicit, little = header.original_encoding
             found = pixels.element_header(fp, bool(implicit), bool(little)) is not None
     if not found:
@@ -64,17 +66,58 @@ def decoded_frames(path: Path, numbers: list[int]) -> tuple[Iterator[np.ndarray]
     for number in numbers:
         if not 1 <= number <= frames:
             raise IndexError(f"frame {number} out of 1..{frames}")
-    # pydicom reads a file frame by frame, but not through a deflate stream: a deflated data set is inflated whole.
-    source = dcmread(path) if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian else path
+    if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return _inflated_arrays(path, numbers, header), header
 
     def decode() -> Iterator[np.ndarray]:
         for number in numbers:
             try:
-                yield pixel_array(source, index=number - 1)
+                yield pixel_array(path, index=number - 1)
             except Exception as exc:  # codec missing or corrupt data
                 raise ImagingError(f"cannot decode frame {number}: {exc}") from exc
 
     return decode(), header
+
+
+# What a frame cut from native pixel data needs to be decoded on its own.
+_IMAGE_PIXEL_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit",
+                         "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration")  # fmt: skip
+
+
+def _inflated_arrays(path: Path, numbers: list[int], header: Dataset) -> Iterator[np.ndarray]:
+    """Frames of a deflated object: cut from its pixel data as it is inflated (pixels.inflated_frames), then each
+    decoded on its own; pixel data that is not whole bytes per frame (1-bit, YBR_FULL_422, float) is inflated whole
+    and decoded by pydicom, as before."""
+    whole = (
+        int(header.get("BitsAllocated", 0) or 0) % 8
+        or header.get("PhotometricInterpretation") == "YBR_FULL_422"
+        or pixels.inflated_header(path)[1] != PIXEL_DATA
+    )
+    if whole:
+        source = dcmread(path)
+        for number in numbers:
+            try:
+                yield pixel_array(source, index=number - 1)
+            except Exception as exc:  # corrupt data
+                raise ImagingError(f"cannot decode frame {number}: {exc}") from exc
+        return
+    try:
+        natives = pixels.inflated_frames(path, numbers)
+    except pixels.PixelDataError as exc:
+        raise ImagingError(f"cannot decode frames {numbers}: {exc}") from exc
+    for number, data in zip(numbers, natives, strict=True):
+        frame = Dataset()
+        for keyword in _IMAGE_PIXEL_KEYWORDS:
+            if keyword in header:
+                setattr(frame, keyword, header[keyword].value)
+        frame.NumberOfFrames = 1
+        frame.PixelData = data
+        frame.file_meta = FileMetaDataset()
+        frame.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        try:
+            yield pixel_array(frame)
+        except Exception as exc:  # corrupt data
+            raise ImagingError(f"cannot decode frame {number}: {exc}") from exc
 
 
 def decoded_frame(path: Path, number: int) -> tuple[np.ndarray, Dataset]:

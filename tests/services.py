@@ -163,6 +163,20 @@ def vm_hwm_bytes(pid: int) -> int:
     raise ServiceError(f"no VmHWM for pid {pid}")
 
 
+def vm_rss_bytes(pid: int) -> int:
+    """Resident set size (VmRSS) of a live process now, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ServiceError(f"no VmRSS for pid {pid}")
+
+
+def reset_peak_rss(pid: int) -> int:
+    """Start a new VmHWM for a live process (its current VmRSS, returned), so a peak measures what follows alone."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return vm_rss_bytes(pid)
+
+
 # --------------------------------------------------------------------------- process base
 
 

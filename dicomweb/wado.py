@@ -129,8 +129,9 @@ def _frame_syntax(accept: list[MediaRange]) -> tuple[str, str] | None:
 class _Bodies:
     """Recently answered metadata bodies by ETag, bounded in bytes.
 
-    The ETag hashes the URL root and the SHA-256 of every object in the answer, so a body is found again only for
-    exactly the same objects seen through the same root: an added, corrected or deleted instance is a new key.
+    The ETag hashes the metadata cache's format, the URL root and the SHA-256 of every object in the answer, so a
+    body is found again only for exactly the same objects seen through the same root by code of the same format: an
+    added, corrected or deleted instance is a new key.
     Reading a study's cached headers from the index and assembling them is most of a metadata request's time;
     viewers ask for the same study's metadata again and again.
     """
@@ -204,7 +205,9 @@ def router(archive: Archive) -> APIRouter:
     def metadata_of(request: Request, level: Level, filters: dict[str, str]) -> Response:
         objects = find_objects(level, filters)
         root = base_url(request)
-        etag = '"' + hashlib.sha256("|".join([root, *(o.sha256 for o in objects)]).encode()).hexdigest()[:32] + '"'
+        # The cache's format is in the ETag: a body computed by older code is neither revalidated nor kept.
+        key = "|".join([f"v{metadata.FORMAT}", root, *(o.sha256 for o in objects)])
+        etag = '"' + hashlib.sha256(key.encode()).hexdigest()[:32] + '"'
         if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
             return Response(status_code=304, headers={"ETag": etag})
         body = bodies.get(etag)

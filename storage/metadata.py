@@ -2,7 +2,8 @@
 
 The cache is keyed by the object's SHA-256, so a corrected or replaced object never meets a stale entry, and
 every node shares it. Bulk data URIs are stored relative to a ROOT placeholder that the caller replaces with the
-URL the client sees (reverse proxies differ per request).
+URL the client sees (reverse proxies differ per request). Each cached text starts with the version of the code that
+computed it (FORMAT): a row from an older version is computed again and rewritten when read, never served.
 """
 
 from __future__ import annotations
@@ -17,19 +18,32 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage import pixels
 from storage.blobstore import BlobStore, blob_key_for
 from storage.ingest import IngestResult
-from storage.models import MetadataCache
+from storage.models import MetadataCache, utcnow
 from storage.query import StoredObject
 
 log = logging.getLogger(__name__)
 
 ROOT = "{{ROOT}}"
 BULK_THRESHOLD = 1024
+# Version of what header_json computes; raise it whenever its output changes. Rows from before versions existed
+# (plain JSON, "{...") are version 1; they lack the pixel data of deflated objects.
+FORMAT = 2
+_STAMP = f"{FORMAT}:"
+
+
+def _stamped(text: str) -> str:
+    return _STAMP + text
+
+
+def _current(row: str) -> str | None:
+    """The JSON text of a cached row written in this FORMAT, None for an older one."""
+    return row[len(_STAMP) :] if row.startswith(_STAMP) else None
 
 
 def instance_path(obj: StoredObject) -> str:
@@ -73,11 +87,17 @@ def headers(
     objects = list(objects)
     shas = list({o.sha256 for o in objects})
     cached: dict[str, str] = {}
+    outdated: set[str] = set()
     with engine.connect() as conn:
         for start in range(0, len(shas), 500):
             part = shas[start : start + 500]
             rows = conn.execute(select(MetadataCache.sha256, MetadataCache.json).where(MetadataCache.sha256.in_(part)))
-            cached.update({sha: text for sha, text in rows})
+            for sha, row in rows:
+                text = _current(row)
+                if text is None:
+                    outdated.add(sha)
+                else:
+                    cached[sha] = text
     missing = [o for o in objects if o.sha256 not in cached]
     fresh: dict[str, str] = {}
     for obj in missing:
@@ -85,13 +105,23 @@ def headers(
             continue
         with blobs.local_file(obj.blob_key) as path:
             fresh[obj.sha256] = compute(path, obj)
-    if fresh:
+    rewrite = [{"key": k, "text": _stamped(v), "at": utcnow()} for k, v in fresh.items() if k in outdated]
+    if rewrite:  # same content for every writer of a version: a race between nodes rewrites it alike
+        with engine.begin() as conn:
+            conn.execute(
+                update(MetadataCache)
+                .where(MetadataCache.sha256 == bindparam("key"))
+                .values(json=bindparam("text"), created_at=bindparam("at")),
+                rewrite,
+            )
+    new = [{"sha256": k, "json": _stamped(v)} for k, v in fresh.items() if k not in outdated]
+    if new:
         try:
             with engine.begin() as conn:
-                conn.execute(insert(MetadataCache), [{"sha256": k, "json": v} for k, v in fresh.items()])
+                conn.execute(insert(MetadataCache), new)
         except IntegrityError:
             pass  # another request or node cached them first: same content by construction
-        cached.update(fresh)
+    cached.update(fresh)
     return [cached[o.sha256] for o in objects]
 
 

@@ -1,9 +1,11 @@
-"""Objects stored in Deflated Explicit VR Little Endian: frames of a large one are cut while inflating, never holding
-the whole data set."""
+"""Objects stored in Deflated Explicit VR Little Endian: metadata cached before a fix is not served, and frames of a
+large one are cut while inflating, never holding the whole data set."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -11,14 +13,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from pydicom import dcmwrite
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacs.synthetic import synthetic_uid
 from tests.conftest import StartServer
-from tests.scu import multipart_parts
+from tests.data import patient, write_ct
+from tests.scu import multipart_parts, store_files
 from tests.services import VnpacsService, reset_peak_rss, vm_hwm_bytes
 
 OCTETS = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
@@ -48,6 +51,44 @@ def _cached_row(server: VnpacsService, sop_instance_uid: str, timeout: float = 1
     finally:
         db.close()
     raise AssertionError(f"metadata of {sop_instance_uid} not cached within {timeout} s")
+
+
+def test_metadata_cached_in_an_older_format_is_recomputed_and_rewritten(
+    embedded: VnpacsService, tmp_path: Path
+) -> None:
+    path = write_ct(tmp_path, who=patient("Lý^Thị Mai", "DFL-1"), study="deflated-cache", size=32)
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    assert all(s.Status == 0 for s in store_files(embedded.dicom_port, [path]).values())
+    sha, current = _cached_row(embedded, str(ds.SOPInstanceUID))
+
+    # A row as the code before the deflate fix cached it: plain DICOM JSON, without the pixel data's bulk data URI.
+    old = json.loads(current[current.index("{") :])
+    del old["7FE00010"]
+    old_text = json.dumps(old, ensure_ascii=False, separators=(",", ":"))
+    with _index(embedded) as db:
+        db.execute("UPDATE metadata_cache SET json = ? WHERE sha256 = ?", (old_text, sha))
+    db.close()
+    root = f"{embedded.base_url}/dicom-web"
+    old_etag = '"' + hashlib.sha256(f"{root}|{sha}".encode()).hexdigest()[:32] + '"'
+
+    url = _instance_url(embedded, ds)
+    response = httpx.get(f"{url}/metadata", headers={"If-None-Match": old_etag}, timeout=30)
+    assert response.status_code == 200, response.text  # a body from the older format is not revalidated
+    assert response.headers["etag"] != old_etag
+    [item] = response.json()
+    assert item["7FE00010"] == {"vr": "OW", "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+    pixels = httpx.get(item["7FE00010"]["BulkDataURI"], headers=OCTETS, timeout=30)
+    assert pixels.status_code == 200 and multipart_parts(pixels) == [ds.PixelData]
+
+    with _index(embedded) as db:
+        [rewritten] = db.execute("SELECT json FROM metadata_cache WHERE sha256 = ?", (sha,)).fetchone()
+    db.close()
+    assert rewritten != old_text and "7FE00010" in rewritten
+    assert json.loads(rewritten[rewritten.index("{") :]) == json.loads(current[current.index("{") :])
+    again = httpx.get(f"{url}/metadata", headers={"If-None-Match": response.headers["etag"]}, timeout=30)
+    assert again.status_code == 304
 
 
 def _large_deflated(path: Path, frames: int, size: int) -> tuple[Dataset, np.ndarray]:

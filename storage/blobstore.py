@@ -35,8 +35,7 @@ class BlobStore(Protocol):
     def put_file(self, key: str, path: Path, size: int, *, adopt: bool = False) -> None:
         """Store the file at `path` under `key`, durably, before returning.
 
-        With `adopt` the store may take the file's bytes by a hard link instead of a copy. `path` itself is left in
-        place either way: the caller removes it once the object is indexed (until then it can write the blob again).
+        With `adopt` the store may move the file instead of copying it (the caller gives it up).
         """
 
     def open(self, key: str) -> BinaryIO: ...
@@ -121,35 +120,26 @@ class FileBlobStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+                if adopt:
+                    path.unlink(missing_ok=True)
                 return
             if adopt and path.parent == self.tmp_dir:
-                # Linked, not moved: the caller keeps the bytes under their spool name until the object is indexed.
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    try:
-                        os.link(path, target)
-                    except FileExistsError:  # a different size under a content key: a damaged copy, replaced
-                        staged = path.with_name(path.name + ".relink")
-                        os.link(path, staged)
-                        os.replace(staged, target)
-                    # Link first, then fsync the file: one journal commit makes both the bytes and the new name
-                    # durable (ext4, XFS), and the directory fsync that POSIX asks for then finds nothing left to
-                    # write. Until it returns the object is not acknowledged; a crash in between leaves an
-                    # unreferenced blob that the ingest journal removes at the next start.
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                staged = path
             else:
                 fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
                 staged = Path(name)
                 with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
                     shutil.copyfileobj(src, out, 1024 * 1024)
-                fd = os.open(staged, os.O_RDONLY)
-                try:
-                    os.replace(staged, target)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            # Rename first, then fsync the file: one journal commit makes both the bytes and the new name durable
+            # (ext4, XFS), and the directory fsync that POSIX asks for then finds nothing left to write. Until
+            # that fsync returns the object is not acknowledged; a crash in between leaves an unreferenced blob
+            # that the ingest journal removes at the next start.
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.replace(staged, target)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             _fsync_dir(target.parent)
         except OSError as exc:
             raise BlobStoreError(f"cannot write {key}: {exc.strerror or exc}") from exc

@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import struct
@@ -27,7 +28,7 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from sqlalchemy import Connection, Engine, delete, exists, insert, select, text, update
+from sqlalchemy import Connection, Engine, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from storage.blobstore import BlobStore, BlobStoreError, blob_key_for
@@ -42,7 +43,7 @@ from storage.models import (
     Study,
     utcnow,
 )
-from storage.pixels import UNDEFINED, element_header
+from storage.pixels import PIXEL_TAGS, UNDEFINED, element_header
 from storage.query import StoredObject
 from storage.text import nfc, search_key
 
@@ -212,6 +213,29 @@ def _check_pixel_data_extent(fp: BinaryIO, size: int, implicit: bool, little: bo
             raise InvalidObject("truncated encapsulated Pixel Data fragment")
 
 
+# Bytes read at once for the header parse: enough for the header of nearly every image, which pydicom then parses
+# from memory instead of issuing a system call for each of its many small reads, seeks and tells.
+_HEAD_BYTES = 64 * 1024
+
+
+def _parse_head(head: bytes, size: int) -> tuple[Dataset, io.BytesIO] | None:
+    """The header parsed from the object's first bytes, if they hold all of it: the whole object, or a prefix in
+    which parsing stopped on the Pixel Data element's header. None means: parse the file itself."""
+    mem = io.BytesIO(head)
+    try:
+        ds = dcmread(mem, stop_before_pixels=True, defer_size="1 MB")
+    except Exception:  # a header longer than the prefix, or a broken object: the file parse decides which
+        return None
+    if len(head) < size:
+        pos = mem.tell()
+        implicit, little = ds.original_encoding
+        if pos + 12 > len(head) or little is None:
+            return None
+        if struct.unpack("<HH" if little else ">HH", head[pos : pos + 4]) not in PIXEL_TAGS:
+            return None
+    return ds, mem
+
+
 def read_header(path: Path, known_digest: tuple[str, int] | None = None) -> _Header:
     """Parse a Part 10 file up to its pixel data, check it is complete, and hash it (unless hashed on arrival)."""
     try:
@@ -220,13 +244,18 @@ def read_header(path: Path, known_digest: tuple[str, int] | None = None) -> _Hea
                 sha256, size = known_digest
             else:
                 sha256, size = _hash_file(fp)
-            fp.seek(0)
-            try:
-                ds = dcmread(fp, stop_before_pixels=True, defer_size="1 MB")
-            except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as exc:
-                raise InvalidObject(f"not a decodable DICOM Part 10 object: {exc}") from exc
-            except Exception as exc:  # pydicom raises a variety of errors on corrupt input
-                raise InvalidObject(f"not a decodable DICOM object: {exc.__class__.__name__}: {exc}") from exc
+            parsed = _parse_head(os.pread(fp.fileno(), _HEAD_BYTES, 0), size)
+            if parsed is not None:
+                ds, mem = parsed
+                fp.seek(mem.tell())  # on the Pixel Data element, if any, for the extent check below
+            else:
+                fp.seek(0)
+                try:
+                    ds = dcmread(fp, stop_before_pixels=True, defer_size="1 MB")
+                except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as exc:
+                    raise InvalidObject(f"not a decodable DICOM Part 10 object: {exc}") from exc
+                except Exception as exc:  # pydicom raises a variety of errors on corrupt input
+                    raise InvalidObject(f"not a decodable DICOM object: {exc.__class__.__name__}: {exc}") from exc
             file_meta = getattr(ds, "file_meta", None)
             ts_value = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
             if not ts_value:
@@ -363,8 +392,7 @@ class _IndexJob:
     row: dict[str, Any]
     study_uid: str
     series_uid: str
-    path: Path  # the object's bytes, still in place: the blob can be written again if a deleter removed it
-    adopt: bool = False
+    bytes_at: Path  # the object's bytes, readable until the commit: its blob can be written again if deleted
     replace: bool = False
     outcome: Outcome | None = None
     error: BaseException | None = None
@@ -605,12 +633,20 @@ class Archive:
         series_uid: str,
         replace: bool = False,
     ) -> Outcome:
+        # An adopted file may be moved into the store, where a deleter could remove it before the commit: the
+        # descriptor keeps its bytes readable (through /proc) for `_guard_blobs` until then.
+        kept = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if adopt else None
         try:
-            self.blobs.put_file(key, path, header.size, adopt=adopt)
-        except BlobStoreError as exc:
-            raise StorageUnavailable(f"blob store: {exc}") from exc
-        row = self._instance_row(ds, header, key, calling_ae, source, sop_class, sop_instance)
-        return self._committer.submit(_IndexJob(ds, row, study_uid, series_uid, path, adopt, replace))
+            try:
+                self.blobs.put_file(key, path, header.size, adopt=adopt)
+            except BlobStoreError as exc:
+                raise StorageUnavailable(f"blob store: {exc}") from exc
+            row = self._instance_row(ds, header, key, calling_ae, source, sop_class, sop_instance)
+            bytes_at = Path(f"/proc/self/fd/{kept}") if kept is not None else path
+            return self._committer.submit(_IndexJob(ds, row, study_uid, series_uid, bytes_at, replace))
+        finally:
+            if kept is not None:
+                os.close(kept)
 
     def _leader_connection(self) -> Connection:
         conn = self._leader_conn
@@ -739,7 +775,7 @@ class Archive:
             return
         ids = sorted({_lock_id(key) for key in keys})
         function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_lock"
-        conn.execute(text(f"SELECT {function}(k) FROM unnest(CAST(:ids AS bigint[])) AS k"), {"ids": ids})
+        conn.exec_driver_sql(f"SELECT {function}(k) FROM unnest(%s::bigint[]) AS k", (ids,))
 
     def _guard_blobs(self, conn: Connection, jobs: list[_IndexJob]) -> None:
         """Inside an index commit, before its rows: write again any blob of this batch that a deleter removed after
@@ -748,7 +784,14 @@ class Archive:
         wholly before this (its row is then visible here) or wholly after (this commit's rows then keep the blob)."""
         keys = sorted({job.row["blob_key"] for job in jobs})
         self._lock_keys(conn, keys, shared=True)
-        deleted = set(conn.execute(select(BlobDeletion.blob_key).where(BlobDeletion.blob_key.in_(keys))).scalars())
+        # Driver-level SQL: this runs in every commit, and SQLAlchemy's statement machinery costs several times
+        # the lookup itself (about 200 µs against 30).
+        if self._postgres:
+            sql, params = "SELECT blob_key FROM blob_deletion WHERE blob_key = ANY(%s)", (keys,)
+        else:
+            marks = ",".join("?" * len(keys))
+            sql, params = f"SELECT blob_key FROM blob_deletion WHERE blob_key IN ({marks})", tuple(keys)
+        deleted = {row[0] for row in conn.exec_driver_sql(sql, params)}
         for job in jobs:
             key = job.row["blob_key"]
             if key not in deleted:
@@ -756,7 +799,7 @@ class Archive:
             try:
                 if not self.blobs.exists(key):
                     log.warning("blob %s was deleted while its object was being stored: writing it again", key)
-                    self.blobs.put_file(key, job.path, job.row["size"], adopt=job.adopt)
+                    self.blobs.put_file(key, job.bytes_at, job.row["size"])
             except BlobStoreError as exc:
                 raise StorageUnavailable(f"blob store: {exc}") from exc
             deleted.discard(key)
@@ -806,7 +849,7 @@ class Archive:
                         if self._postgres:
                             try:
                                 conn.rollback()
-                                conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                                conn.exec_driver_sql("SELECT pg_advisory_unlock_all()")
                                 conn.commit()
                             except SQLAlchemyError:
                                 conn.invalidate()  # a closed session holds no lock

@@ -110,9 +110,10 @@ def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Nodes]:
             database.drop()
 
 
-def _spooled(tmp_path: Path, source: Path) -> Path:
-    """A private copy of an object, as a receiving protocol spools it (the archive may link it)."""
-    copy = tmp_path / f"spool-{uuid.uuid4().hex}.dcm"
+def _spooled(archive: Archive, source: Path) -> Path:
+    """A copy of an object where a receiving protocol spools it: the store's own temporary folder, from which the
+    filesystem store adopts it by a rename."""
+    copy = Path(archive.blobs.tmp_dir) / f"rx-{uuid.uuid4().hex}.dcm"  # type: ignore[attr-defined]
     shutil.copyfile(source, copy)
     return copy
 
@@ -141,9 +142,9 @@ def test_recovery_on_one_node_keeps_a_blob_another_node_is_storing(nodes: _Nodes
         commit(jobs)
 
     nodes.second._committer._run_batch = recover_then_commit
-    spooled = _spooled(tmp_path, obj)
+    spooled = _spooled(nodes.second, obj)
     result = nodes.second.ingest_file(spooled, adopt=True)
-    spooled.unlink()
+    spooled.unlink(missing_ok=True)
 
     assert recovered == [[key]]  # A did delete it: the interleaving happened
     assert result.outcome == "stored"
@@ -176,9 +177,9 @@ def test_recovery_waits_for_a_commit_of_the_same_bytes_in_progress(nodes: _Nodes
 
     recovery = threading.Thread(target=recover)
     recovery.start()
-    spooled = _spooled(tmp_path, obj)
+    spooled = _spooled(nodes.second, obj)
     result = nodes.second.ingest_file(spooled, adopt=True)
-    spooled.unlink()
+    spooled.unlink(missing_ok=True)
     recovery.join(30)
 
     assert result.outcome == "stored"
@@ -204,9 +205,9 @@ def test_a_correction_deleting_an_object_sent_again_meanwhile_keeps_its_blob(nod
         commit(jobs)
 
     nodes.second._committer._run_batch = delete_then_commit
-    spooled = _spooled(tmp_path, obj)
+    spooled = _spooled(nodes.second, obj)
     again = nodes.second.ingest_file(spooled, adopt=True)
-    spooled.unlink()
+    spooled.unlink(missing_ok=True)
 
     assert deleted == [1]
     assert again.outcome == "stored"

@@ -104,6 +104,9 @@ def serve() -> None:
             build_http(runtime),
             host=settings.http_host,
             port=settings.http_port,
+            # httptools hands response bodies to the socket as they are; h11 joins each into a new bytes object,
+            # a copy of every retrieved object (whole-study WADO-RS 58 against 44 ms for 105 MB here).
+            http="httptools",
             log_level="warning",
             access_log=False,
         )

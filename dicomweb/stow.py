@@ -18,10 +18,12 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomweb import dicomjson
 from dicomweb.urls import base_url
 from storage.ingest import Archive, IngestError, SOPClassMismatch, SOPInstanceMismatch
+from storage.pixels import inflated_header, transfer_syntax
 
 MAX_HEADER_BYTES = 16 * 1024
 OUT_OF_RESOURCES = 0xA700
@@ -260,8 +262,12 @@ def _ingest_parts(
 def _identify(path: Path) -> tuple[str, str, str]:
     """SOP Class, SOP Instance and Study UIDs for the response and the study check ('' where unreadable)."""
     try:
-        ds = dcmread(path, stop_before_pixels=True,
-                     specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])  # fmt: skip
+        with open(path, "rb") as fp:
+            if transfer_syntax(fp) == DeflatedExplicitVRLittleEndian:  # inflate the header only, not the data set
+                ds, _ = inflated_header(path)
+            else:
+                ds = dcmread(fp, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])  # fmt: skip
         return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", ""))
     except Exception:
         return "", "", ""

@@ -43,7 +43,14 @@ from storage.models import (
     Study,
     utcnow,
 )
-from storage.pixels import PIXEL_TAGS, UNDEFINED, element_header
+from storage.pixels import (
+    PIXEL_TAGS,
+    UNDEFINED,
+    PixelDataError,
+    checked_deflated_header,
+    element_header,
+    transfer_syntax,
+)
 from storage.query import StoredObject
 from storage.text import nfc, search_key
 
@@ -236,6 +243,16 @@ def _parse_head(head: bytes, size: int) -> tuple[Dataset, io.BytesIO] | None:
     return ds, mem
 
 
+def _deflated(fp: BinaryIO) -> bool:
+    """Whether the Part 10 file `fp` says Deflated Explicit VR Little Endian (False if it cannot be told)."""
+    try:
+        return transfer_syntax(fp) == DeflatedExplicitVRLittleEndian
+    except Exception:  # not a Part 10 file: the parse that follows says why
+        return False
+    finally:
+        fp.seek(0)
+
+
 def read_header(path: Path, known_digest: tuple[str, int] | None = None) -> _Header:
     """Parse a Part 10 file up to its pixel data, check it is complete, and hash it (unless hashed on arrival)."""
     try:
@@ -251,7 +268,12 @@ def read_header(path: Path, known_digest: tuple[str, int] | None = None) -> _Hea
             else:
                 fp.seek(0)
                 try:
-                    ds = dcmread(fp, stop_before_pixels=True, defer_size="1 MB")
+                    if _deflated(fp):  # inflated as it is read, never whole in memory
+                        ds = checked_deflated_header(fp, defer_size="1 MB")
+                    else:
+                        ds = dcmread(fp, stop_before_pixels=True, defer_size="1 MB")
+                except PixelDataError as exc:
+                    raise InvalidObject(str(exc)) from exc
                 except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as exc:
                     raise InvalidObject(f"not a decodable DICOM Part 10 object: {exc}") from exc
                 except Exception as exc:  # pydicom raises a variety of errors on corrupt input

@@ -122,10 +122,10 @@ class InflatedStream:
     def _more(self) -> bytes:
         """The next inflated bytes, at most _INFLATE_CHUNK of them; b"" at the end of the stream."""
         while not self._ended:
+            if self._inflater.eof:  # bytes after the end of the deflate stream (padding) are not data
+                break
             pending = self._inflater.unconsumed_tail
             if not pending:
-                if self._inflater.eof:
-                    break
                 pending = self.raw.read(_INFLATE_CHUNK)
                 if not pending:
                     break
@@ -173,6 +173,18 @@ class InflatedStream:
     def tell(self) -> int:
         return self._pos
 
+    def drain(self) -> int:
+        """Inflate the rest of the stream, keeping none of it; returns the data set's length. Raises PixelDataError
+        when the deflate stream stops before its end (a truncated object)."""
+        end = self._start + len(self._buffer)
+        self._buffer.clear()
+        while chunk := self._more():
+            end += len(chunk)
+        if not self._inflater.eof:
+            raise PixelDataError("the deflated data set is truncated")
+        self._start = self._pos = end
+        return end
+
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_CUR:
             offset += self._pos
@@ -216,6 +228,18 @@ def inflated_header(path: Path, defer_size: str | None = None) -> tuple[Dataset,
         fp.seek(start)
         group, element = struct.unpack("<HH", fp.read(4))
         return header, group << 16 | element
+
+
+def checked_deflated_header(raw: BinaryIO, defer_size: str | None = None) -> Dataset:
+    """The header of the deflated Part 10 file `raw` (at its start), after inflating the whole data set once,
+    holding none of it, to check that it is complete: the deflate stream ends, the pixel data is all there."""
+    header, stream = _inflating(raw, defer_size)
+    fp = cast(BinaryIO, stream)
+    found = element_header(fp, False, True)
+    total = stream.drain()
+    if found is not None and found[1] != UNDEFINED and found[0] + found[1] > total:
+        raise PixelDataError(f"truncated Pixel Data: {total - found[0]} of {found[1]} bytes present")
+    return header
 
 
 def _inflating(raw: BinaryIO, defer_size: str | None) -> tuple[Dataset, InflatedStream]:

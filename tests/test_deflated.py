@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -19,6 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacs.synthetic import synthetic_uid
+from storage.ingest import InvalidObject, read_header
 from tests.conftest import StartServer
 from tests.data import patient, write_ct
 from tests.scu import multipart_parts, store_files
@@ -141,9 +143,13 @@ def test_a_late_frame_of_a_large_deflated_object_is_cut_while_inflating(
     body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes()
     body += f"\r\n--{boundary}--\r\n".encode()
     content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    # Storing it checks the whole deflate stream, inflating it once as it reads, never holding it.
+    baseline = reset_peak_rss(server.pid)
     stow = httpx.post(f"{server.base_url}/dicom-web/studies", content=body, headers={"Content-Type": content_type},
                       timeout=120)  # fmt: skip
     assert stow.status_code == 200, stow.text
+    growth = vm_hwm_bytes(server.pid) - baseline
+    assert growth < 48 * MiB, f"peak RSS grew {growth / MiB:.0f} MiB storing a {inflated / MiB:.0f} MiB object"
 
     # Metadata (computed in the background once ingest is quiet) inflates the header, not the data set.
     baseline = reset_peak_rss(server.pid)
@@ -176,3 +182,22 @@ def test_a_late_frame_of_a_large_deflated_object_is_cut_while_inflating(
     assert image.shape == (size, size) and np.abs(image - expected).max() <= 1
     growth = vm_hwm_bytes(server.pid) - baseline
     assert growth < 96 * MiB, f"peak RSS grew {growth / MiB:.0f} MiB rendering a frame of {inflated / MiB:.0f} MiB"
+
+
+def test_a_deflated_object_cut_short_is_refused_without_inflating_it_whole(tmp_path: Path) -> None:
+    """Ingest reads a deflated object's header while inflating, then inflates the rest once to check it is all
+    there: an object cut anywhere in its deflate stream is refused, a complete one reads as pydicom reads it."""
+    path = tmp_path / "complete.dcm"
+    ds, _ = _large_deflated(path, 8, 256)
+    header = read_header(path)
+    assert header.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    assert header.ds.SOPInstanceUID == ds.SOPInstanceUID
+    assert str(header.ds.PatientName) == "Hồ^Văn Lớn"
+    expected = dcmread(path, stop_before_pixels=True)
+    assert len(header.ds.SourceImageSequence) == len(expected.SourceImageSequence) == 2
+    data = path.read_bytes()
+    for keep in (len(data) - 4, len(data) * 2 // 3):
+        cut = tmp_path / f"cut-{keep}.dcm"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(InvalidObject, match="truncated"):
+            read_header(cut)

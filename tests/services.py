@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -507,6 +507,18 @@ class PgDatabase:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.drop()
+
+
+@contextlib.contextmanager
+def index_database(kind: str, folder: Path) -> Iterator[str]:
+    """The URL of an empty index database for a test: 'sqlite' (a file in `folder`) or 'pg' / 'postgresql' (a
+    throwaway database on the local server, dropped afterwards)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'index.db'}"
+        return
+    ensure_postgres_running()
+    with create_pg_database() as database:
+        yield database.url
 
 
 def create_pg_database(prefix: str = "vnpacs_test") -> PgDatabase:

@@ -9,28 +9,20 @@ import pytest
 
 from pacs.app import migrate_schema
 from storage.db import make_engine
-from tests.services import create_pg_database
+from tests.services import index_database
 from worklist.identity import IdentifierError, validate_bhyt, validate_cccd
 from worklist.orders import OrderConflict, OrderError, OrderIn, Orders, StepIn
 
 
 @pytest.fixture(params=["sqlite", "pg"])
 def orders(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orders]:
-    database = None
-    if request.param == "pg":
-        request.getfixturevalue("postgres")
-        database = create_pg_database()
-        url = database.url
-    else:
-        url = f"sqlite:///{tmp_path / 'index.db'}"
-    migrate_schema(url)
-    engine = make_engine(url)
-    try:
-        yield Orders(engine)
-    finally:
-        engine.dispose()
-        if database is not None:
-            database.drop()
+    with index_database(request.param, tmp_path) as url:
+        migrate_schema(url)
+        engine = make_engine(url)
+        try:
+            yield Orders(engine)
+        finally:
+            engine.dispose()
 
 
 def order(**changes: object) -> OrderIn:

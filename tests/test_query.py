@@ -14,19 +14,15 @@ from storage.ingest import Archive
 from storage.models import Instance, Series
 from storage.query import find, objects_for
 from tests.data import patient, write_ct
-from tests.services import create_pg_database, ensure_postgres_running
+from tests.services import index_database
 
 COUNTS = ["NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "ModalitiesInStudy"]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'index.db'}"
-        return
-    ensure_postgres_running()
-    with create_pg_database() as database:
-        yield database.url
+    with index_database(request.param, tmp_path) as url:
+        yield url
 
 
 def _counts(engine: Engine, study: str) -> dict[str, object]:

@@ -19,7 +19,7 @@ from storage.db import make_engine, upgrade
 from storage.ingest import Archive, Journal
 from storage.query import objects_for
 from tests.data import write_ct
-from tests.services import S3Service, create_pg_database
+from tests.services import S3Service, index_database
 
 
 def test_recovery_removes_only_unreferenced_blobs_of_dead_processes(tmp_path: Path) -> None:
@@ -79,14 +79,6 @@ class _Nodes:
 @pytest.fixture(params=["fs-sqlite", "s3-pg"])
 def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Nodes]:
     storage, index = request.param.split("-")
-    database = None
-    if index == "pg":
-        request.getfixturevalue("postgres")
-        database = create_pg_database()
-        url = database.url
-    else:
-        url = f"sqlite:///{tmp_path / 'index.db'}"
-    upgrade(url)
     if storage == "s3":
         s3: S3Service = request.getfixturevalue("weed")
         store_url, keys = (
@@ -95,19 +87,20 @@ def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Nodes]:
         )
     else:
         store_url, keys = str(tmp_path / "blobs"), {}
-    archives = []
-    for name in ("a", "b"):
-        blobs = open_blob_store(store_url, tmp_dir=tmp_path / f"tmp-{name}", **keys)
-        archives.append(Archive(make_engine(url), blobs, journal=Journal(tmp_path / f"journal-{name}" / "node.log")))
-    try:
-        yield _Nodes(archives[0], archives[1], archives[1].blobs)
-    finally:
-        for archive in archives:
-            archive.engine.dispose()
-            assert archive.journal is not None
-            archive.journal.close()
-        if database is not None:
-            database.drop()
+    with index_database(index, tmp_path) as url:
+        upgrade(url)
+        archives = []
+        for name in ("a", "b"):
+            blobs = open_blob_store(store_url, tmp_dir=tmp_path / f"tmp-{name}", **keys)
+            journal = Journal(tmp_path / f"journal-{name}" / "node.log")
+            archives.append(Archive(make_engine(url), blobs, journal=journal))
+        try:
+            yield _Nodes(archives[0], archives[1], archives[1].blobs)
+        finally:
+            for archive in archives:
+                archive.engine.dispose()
+                assert archive.journal is not None
+                archive.journal.close()
 
 
 def _spooled(archive: Archive, source: Path) -> Path:

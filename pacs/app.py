@@ -142,7 +142,7 @@ def receive_tmp_dir(runtime: Runtime) -> Path:
 
 def prepare_to_serve(runtime: Runtime) -> None:
     """Recover from a crash (unfinished blob writes, spool leftovers), then spool received objects where the
-    blob store can adopt them with a hard link (no copy)."""
+    blob store can adopt them with a rename (no copy)."""
     tmp = receive_tmp_dir(runtime)
     for folder in {tmp, runtime.settings.tmp_dir}:
         if folder.exists():

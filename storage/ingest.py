@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
@@ -785,14 +785,16 @@ class Archive:
             caches.patients.update(patients)
             caches.studies.update(studies)
             caches.series.update(series)
-        return [outcome for outcome in outcomes if outcome is not None]
+        assert all(outcome is not None for outcome in outcomes)  # every job was indexed, in its own slot
+        return cast(list[Outcome], outcomes)
 
     # ---- blobs deleted while the same bytes are being stored ------------------------------------------------
 
     def _lock_keys(self, conn: Connection, keys: list[str], *, shared: bool) -> None:
         """PostgreSQL: advisory locks on blob keys, taken in one order everywhere (no deadlock between deleters
-        and commits). Shared ones (index commits) last until the transaction ends, exclusive ones (deleters) until
-        `_unlock_keys`, across their commit. SQLite needs none: its writers already queue on `_write_lock`."""
+        and commits). Shared ones (index commits) last until the transaction ends; exclusive ones (deleters) are
+        session locks, held across their commit until `_remove_unreferenced_blobs` releases them. SQLite needs none:
+        its writers already queue on `_write_lock`."""
         if not self._postgres or not keys:
             return
         ids = sorted({_lock_id(key) for key in keys})

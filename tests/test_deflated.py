@@ -151,6 +151,17 @@ def test_a_late_frame_of_a_large_deflated_object_is_cut_while_inflating(
     growth = vm_hwm_bytes(server.pid) - baseline
     assert growth < 48 * MiB, f"peak RSS grew {growth / MiB:.0f} MiB storing a {inflated / MiB:.0f} MiB object"
 
+    # The same object cut short is refused, and the complete copy stays the one served (checked frame by frame below).
+    data = path.read_bytes()
+    cut = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data[: len(data) * 2 // 3]
+    cut += f"\r\n--{boundary}--\r\n".encode()
+    refused = httpx.post(f"{server.base_url}/dicom-web/studies", content=cut, headers={"Content-Type": content_type},
+                         timeout=120)  # fmt: skip
+    assert refused.status_code == 409, refused.text
+    assert "truncated" in refused.headers["Warning"]
+    listed = httpx.get(f"{server.base_url}/dicom-web/studies/{ds.StudyInstanceUID}/instances", timeout=30).json()
+    assert [i["00080018"]["Value"][0] for i in listed] == [ds.SOPInstanceUID]
+
     # Metadata (computed in the background once ingest is quiet) inflates the header, not the data set.
     baseline = reset_peak_rss(server.pid)
     _cached_row(server, str(ds.SOPInstanceUID))

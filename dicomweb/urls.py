@@ -9,6 +9,11 @@ PREFIX = "/dicom-web"
 
 def base_url(request: Request) -> str:
     """The DICOMweb root URL, e.g. https://pacs.benhvien.vn/dicom-web."""
+    return public_root(request) + PREFIX
+
+
+def public_root(request: Request) -> str:
+    """The server's root URL as the client sees it, e.g. https://pacs.benhvien.vn (a proxy's prefix included)."""
     headers = request.headers
     proto = host = None
     forwarded = headers.get("forwarded")
@@ -24,4 +29,4 @@ def base_url(request: Request) -> str:
     host = host or headers.get("x-forwarded-host", "").split(",")[0].strip() or headers.get("host")
     host = host or f"{request.url.hostname}:{request.url.port}"
     prefix = headers.get("x-forwarded-prefix", "").rstrip("/")
-    return f"{proto}://{host}{prefix}{PREFIX}"
+    return f"{proto}://{host}{prefix}"

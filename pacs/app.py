@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 
 import dicomweb
 import viewer_api
+from dicomweb import urls
 from pacs.auth import authenticator
 from pacs.dimse import Destination, DimseServer, DimseService
 from pacs.settings import Settings
@@ -243,7 +244,9 @@ def build_http(runtime: Runtime) -> FastAPI:
     app.include_router(orders_api.router(runtime.orders, dependencies=[Depends(authenticate)]))
     app.include_router(fhir.router(runtime.orders, dependencies=[Depends(authenticate)]))
     app.include_router(api_reports.router(runtime.reports, dependencies=[Depends(authenticate)]))
-    app.include_router(api_results.router(runtime.outbound, dependencies=[Depends(authenticate)]))
+    app.include_router(
+        api_results.router(runtime.outbound, public_root=urls.public_root, dependencies=[Depends(authenticate)])
+    )
     app.include_router(viewer_api.router(runtime.settings.viewer_dir or viewer_api.DIST))
     if runtime.settings.cors_origins:
         app.add_middleware(

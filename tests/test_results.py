@@ -175,6 +175,14 @@ def test_order_to_report_to_his(start_server: StartServer, tmp_path: Path) -> No
     study = httpx.get(f"{base}/fhir/ImagingStudy/{study_uid}").json()
     assert study["numberOfInstances"] == 3 and study["numberOfSeries"] == 1
     assert study["series"][0]["modality"]["code"] == "CT"
+    assert study["endpoint"][0]["display"] == f"DICOMweb {base}/dicom-web"
+    # Behind a reverse proxy the EMR is given the address it reaches, not the server's internal one.
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.benhvien.vn", "X-Forwarded-Prefix": "/pacs"}
+    study = httpx.get(f"{base}/fhir/ImagingStudy/{study_uid}", headers=proxied).json()
+    assert study["endpoint"][0]["display"] == "DICOMweb https://pacs.benhvien.vn/pacs/dicom-web"
+    forwarded = {"Forwarded": 'for=10.0.0.9;proto=https;host="ris.benhvien.vn"'}
+    found = httpx.get(f"{base}/fhir/ImagingStudy", params={"patient": "BN-E2E"}, headers=forwarded).json()
+    assert found["entry"][0]["resource"]["endpoint"][0]["display"] == "DICOMweb https://ris.benhvien.vn/dicom-web"
     found = httpx.get(f"{base}/fhir/ImagingStudy", params={"patient": "BN-E2E"}).json()
     assert found["total"] == 1 and found["entry"][0]["resource"]["id"] == study_uid
     assert httpx.get(f"{base}/fhir/DiagnosticReport/999999").status_code == 404

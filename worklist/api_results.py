@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -32,11 +32,14 @@ def _not_found(what: str) -> Response:
     return outcome(FhirError(404, "not-found", what))
 
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
-
-
-def router(outbound: Outbound, *, dependencies: Sequence[Any] = ()) -> APIRouter:
+def router(
+    outbound: Outbound,
+    *,
+    public_root: Callable[[Request], str],
+    dependencies: Sequence[Any] = (),
+) -> APIRouter:
+    """`public_root` gives the server's URL as the client sees it (behind a reverse proxy too): ImagingStudy's
+    DICOMweb endpoint is built from it, and DiagnosticReport's key-image links when the outbox has no public URL."""
     api = APIRouter(dependencies=list(dependencies))
     engine = outbound.engine
 
@@ -83,7 +86,7 @@ def router(outbound: Outbound, *, dependencies: Sequence[Any] = ()) -> APIRouter
             found = load_report(session, int(pk))
             if found is None:
                 return _not_found(f"no DiagnosticReport {pk}")
-            return fhir_response(diagnostic_report(*found, base_url=outbound.public_url or _base_url(request)))
+            return fhir_response(diagnostic_report(*found, base_url=outbound.public_url or public_root(request)))
 
     @api.get("/fhir/DiagnosticReport", tags=["fhir"], summary="Search reports by study, accession or patient")
     def search_reports(request: Request) -> Response:
@@ -97,13 +100,13 @@ def router(outbound: Outbound, *, dependencies: Sequence[Any] = ()) -> APIRouter
             stmt = stmt.where(Order.patient_id == patient.split("|")[-1])
         with Session(engine) as session:
             found = [load_report(session, pk) for pk in session.execute(stmt.limit(100)).scalars()]
-            base = outbound.public_url or _base_url(request)
+            base = outbound.public_url or public_root(request)
             return _bundle([diagnostic_report(*f, base_url=base) for f in found if f is not None])
 
     @api.get("/fhir/ImagingStudy/{uid}", tags=["fhir"], summary="A stored study as a FHIR ImagingStudy")
     def read_study(uid: str, request: Request) -> Response:
         with Session(engine) as session:
-            resource = imaging_study(session, uid, base_url=_base_url(request))
+            resource = imaging_study(session, uid, base_url=public_root(request))
         return fhir_response(resource) if resource is not None else _not_found(f"no ImagingStudy {uid}")
 
     @api.get("/fhir/ImagingStudy", tags=["fhir"], summary="Search stored studies by patient identifier or accession")
@@ -121,7 +124,7 @@ def router(outbound: Outbound, *, dependencies: Sequence[Any] = ()) -> APIRouter
             raise HTTPException(400, "search ImagingStudy by patient (subject:identifier) or identifier")
         with Session(engine) as session:
             uids = list(session.execute(stmt.limit(100)).scalars())
-            resources = [imaging_study(session, uid, base_url=_base_url(request)) for uid in uids]
+            resources = [imaging_study(session, uid, base_url=public_root(request)) for uid in uids]
         return _bundle([r for r in resources if r is not None])
 
     return api

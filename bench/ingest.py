@@ -32,9 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pacs.settings import Settings
 from pacs.synthetic import generate_ct_studies, make_multiframe
-from pacs.workers import dimse_processes
 from tests.services import (
     MAX_PDU,
     Service,
@@ -386,7 +384,7 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Iterator
             orthanc = stack.enter_context(start_orthanc(workdir))
             yield Target(orthanc, orthanc.dicom_port, orthanc.aet, lambda b: orthanc.count_instances())
         elif name in ("vnpacs-fs", "vnpacs-s3"):
-            # The product default (VNPACS_DIMSE_PROCESSES=0), not the single process the tests start with.
+            # The product default (a DIMSE process per core), not the single process the tests start with.
             env = {"VNPACS_DIMSE_PROCESSES": "0", **dict(kv.split("=", 1) for kv in args.vnpacs_env)}
             if name == "vnpacs-s3":
                 s3 = stack.enter_context(start_weed(workdir / "weed"))
@@ -536,8 +534,7 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
         "- Every target is started fresh per run, on a quiet disk (sync before the push), and audited afterwards",
         "  (vnpacs: IMAGE-level C-FIND of every series; Orthanc: /statistics CountInstances); a run that lost data",
         "  is FAILED and not timed.",
-        "- vnpacs runs its default of two DIMSE processes per core, at most 4 "
-        f"(VNPACS_DIMSE_PROCESSES=0; here {dimse_processes(Settings(dimse_processes=0))}).",
+        "- vnpacs runs its default of one DIMSE process per core (VNPACS_DIMSE_PROCESSES=0; here 2).",
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
         "",
         "| " + " | ".join(COLUMNS) + " |",

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="Processes accepting DICOM associations on the one port: 0 = two per core (at most 4), "
+        description="Processes accepting DICOM associations on the one port: 0 = one per core (at most 4), "
         "1 = the serve process only",
     )
     max_find_results: int = Field(10000, description="C-FIND matches above this are refused (0xA700); 0 = no cap")

@@ -35,13 +35,10 @@ _RESPAWN_CHECK = 1.0  # seconds between checks that every worker is alive
 
 
 def dimse_processes(settings: Settings) -> int:
-    """VNPACS_DIMSE_PROCESSES, where 0 means two per core, at most four.
-
-    Two associations in one process share its interpreter lock: on two cores, four modalities sending at once
-    stored 13-25 % more per second from four processes than from two (bench/results/ingest.md)."""
+    """VNPACS_DIMSE_PROCESSES, where 0 means one per core, at most four."""
     if settings.dimse_processes > 0:
         return settings.dimse_processes
-    return max(1, min(2 * (os.cpu_count() or 1), 4))
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def shared_listener(host: str, port: int, backlog: int = 128) -> socket.socket:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy import delete, insert, select
 
-from pacs.settings import Settings, load_settings
+from pacs.settings import Settings, SettingsError, load_settings, unknown_variables
 
 app = typer.Typer(help="vnpacs: DICOM PACS and teleradiology server", no_args_is_help=True)
 db_app = typer.Typer(help="Index database schema", no_args_is_help=True)
@@ -54,8 +55,21 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _settings() -> Settings:
-    settings = load_settings(_state["config"])
+    """The settings, or a clear message and exit code 2 when they cannot be used (never a traceback)."""
+    try:
+        settings = load_settings(_state["config"])
+    except SettingsError as exc:
+        console.print(f"settings: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ValidationError as exc:  # a value of the wrong type, from the file or the environment
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            message = f"settings: VNPACS_{field.upper()}: {error['msg']}"
+            console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     configure_logging(settings.log_level)
+    for name in unknown_variables(os.environ):
+        logging.getLogger("vnpacs").warning("environment variable %s names no setting: ignored", name)
     return settings
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import socket
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import pydantic_settings
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -126,11 +129,45 @@ class Settings(BaseSettings):
         return (self.data_dir / "tmp").resolve()
 
 
+class SettingsError(ValueError):
+    """A settings file that cannot be used as written (unknown keys, not TOML)."""
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """VNPACS_* variables that name no setting: a misspelt one would otherwise be ignored without a word.
+
+    Names are matched without regard to case, as the settings read them."""
+    known = [f"VNPACS_{name.upper()}" for name in Settings.model_fields]
+    return sorted(
+        _suggest(key, known) for key in environ if key.upper().startswith("VNPACS_") and key.upper() not in known
+    )
+
+
 def load_settings(config: Path | None = None) -> Settings:
-    """Settings from the environment, on top of a TOML file's `[vnpacs]` table (or top-level keys) if given."""
+    """Settings from the environment, on top of a TOML file's `[vnpacs]` table (or top-level keys) if given.
+
+    A key in the file that names no setting is an error (SettingsError), not silently ignored."""
     values: dict[str, Any] = {}
     if config is not None:
-        with open(config, "rb") as fp:
-            data = tomllib.load(fp)
+        try:
+            with open(config, "rb") as fp:
+                data = tomllib.load(fp)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"{config}: {exc}") from exc
         values = data.get("vnpacs", data)
-    return Settings(**values)
+        if not isinstance(values, dict):
+            raise SettingsError(f"{config}: [vnpacs] must be a table")
+        known = list(Settings.model_fields)
+        unknown = sorted(_suggest(str(key), known) for key in values if str(key).lower() not in known)
+        if unknown:
+            raise SettingsError(f"{config}: unknown setting(s): {', '.join(unknown)}")
+        values = {str(key).lower(): value for key, value in values.items()}
+    try:
+        return Settings(**values)
+    except pydantic_settings.SettingsError as exc:  # an environment value its source could not parse
+        raise SettingsError(str(exc)) from exc

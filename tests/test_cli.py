@@ -143,6 +143,38 @@ def test_settings_come_from_a_toml_file_and_the_environment_overrides_it(tmp_pat
         proc.wait(30)
 
 
+def test_a_settings_file_with_an_unknown_key_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    config = tmp_path / "vnpacs.toml"
+    config.write_text('[vnpacs]\nae_title = "TOMLPACS"\nallowed_ae = ["CT1"]\n')  # misspelt: allowed_aes
+    env = offline_env(tmp_path / "data")
+    result = vnpacs(env, "--config", str(config), "remote", "list")
+    assert result.returncode == 2
+    assert "unknown setting(s): allowed_ae (did you mean allowed_aes?)" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "data" / "index.db").exists()  # nothing ran on settings it could not read
+
+    config.write_text("[vnpacs\nae_title = 1\n")
+    result = vnpacs(env, "--config", str(config), "remote", "list")
+    assert result.returncode == 2 and "settings:" in result.stderr and str(config) in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_an_invalid_setting_is_named_and_a_misspelt_variable_is_warned_about(tmp_path: Path) -> None:
+    env = offline_env(tmp_path / "data")
+    env["VNPACS_DICOM_PORT"] = "mười một"
+    result = vnpacs(env, "remote", "list")
+    assert result.returncode == 2
+    assert "VNPACS_DICOM_PORT" in result.stderr and "integer" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+    env["VNPACS_DICOM_PORT"] = "11112"
+    env["VNPACS_ALLOWED_AE"] = "CT1"
+    result = vnpacs(env, "remote", "list")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "VNPACS_ALLOWED_AE (did you mean VNPACS_ALLOWED_AES?)" in result.stderr
+    assert "VNPACS_DICOM_PORT" not in result.stderr and "VNPACS_DATA_DIR" not in result.stderr
+
+
 def test_a_large_multiframe_object_is_streamed_not_held_in_memory(start_server: StartServer, tmp_path: Path) -> None:
     server = start_server("fs-sqlite")
     big = make_multiframe(tmp_path / "big.dcm", target_bytes=400 * 1024 * 1024)

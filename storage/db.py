@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -66,6 +66,19 @@ def upgrade(url: str, revision: str = "head", migrations: Path = MIGRATIONS_DIR)
     from alembic import command
 
     command.upgrade(alembic_config(url, migrations), revision)
+
+
+# pg_advisory_xact_lock(int, int): a key space apart from the single-bigint blob-key locks of storage.ingest.
+_MIGRATION_LOCK = (0x76_6E_70_61, 1)  # "vnpa", 1
+
+
+def serialise_migrations(connection: Connection) -> None:
+    """Called by each migration environment inside its transaction: nodes that start together on one new PostgreSQL
+    database take turns, so the first creates the schema and the others find it there (without this, all but one
+    fail with a duplicate alembic_version table). SQLite has one writer at a time already."""
+    if connection.dialect.name == "postgresql":
+        a, b = _MIGRATION_LOCK
+        connection.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": a, "b": b})
 
 
 def check(engine: Engine) -> None:

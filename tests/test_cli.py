@@ -120,6 +120,27 @@ def test_db_upgrade_creates_the_schema_on_postgresql(tmp_path: Path) -> None:
         database.drop()
 
 
+def test_nodes_starting_together_on_a_new_postgresql_database_all_get_the_schema(tmp_path: Path) -> None:
+    """Several nodes of the scale-out layout start at once against one empty database: each runs the migrations at
+    start, and none may fail on another's half-made schema."""
+    from tests.services import create_pg_database, ensure_postgres_running
+
+    ensure_postgres_running()
+    with create_pg_database() as database:
+        env = offline_env(tmp_path / "data")
+        env["VNPACS_DATABASE_URL"] = database.url
+        upgrades = [subprocess.Popen([sys.executable, "-m", "pacs", "db", "upgrade"], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(4)]  # fmt: skip
+        outputs = [(proc.wait(120), proc.stdout.read() if proc.stdout else "") for proc in upgrades]
+        assert all(code == 0 for code, _ in outputs), [out[-800:] for code, out in outputs if code]
+        import psycopg
+
+        with psycopg.connect(database.conninfo) as conn:
+            versions = conn.execute("SELECT count(*) FROM alembic_version").fetchone()
+            ris_versions = conn.execute("SELECT count(*) FROM worklist_alembic_version").fetchone()
+        assert versions == (1,) and ris_versions == (1,)
+
+
 def test_settings_come_from_a_toml_file_and_the_environment_overrides_it(tmp_path: Path) -> None:
     dicom_port, http_port, hl7_port = free_ports(3)
     config = tmp_path / "vnpacs.toml"

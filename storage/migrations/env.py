@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from storage.db import make_engine
+from storage.db import make_engine, serialise_migrations
 from storage.models import Base
 
 config = context.config
@@ -27,6 +27,7 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():
+            serialise_migrations(connection)
             context.run_migrations()
     engine.dispose()
 

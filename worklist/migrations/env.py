@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from storage.db import make_engine
+from storage.db import make_engine, serialise_migrations
 from worklist.db import VERSION_TABLE
 from worklist.models import Base
 
@@ -41,6 +41,7 @@ def run_migrations_online() -> None:
             include_object=_include,
         )
         with context.begin_transaction():
+            serialise_migrations(connection)
             context.run_migrations()
     engine.dispose()
 

@@ -124,6 +124,7 @@ def _index_html(dist: Path) -> str:
 
 def router(dist: Path = DIST) -> APIRouter:
     api = APIRouter(tags=["Viewer"], include_in_schema=False)
+    dist = dist.resolve()  # a relative or symlinked VNPACS_VIEWER_DIR: assets resolve to paths under the real one
     installed = (dist / "index.html").exists()
     index = _index_html(dist) if installed else MISSING
 

@@ -348,6 +348,55 @@ def test_c_get_can_be_cancelled(embedded: VnpacsService, tmp_path: Path) -> None
     assert 3 <= len(received) < 30
 
 
+def test_c_move_reports_pending_counts_and_can_be_cancelled(embedded: VnpacsService, tmp_path: Path) -> None:
+    """A workstation pulling a study it no longer needs cancels the C-MOVE: the sub-operations stop, the final
+    response says Cancel (0xFE00) with the counts of what was sent, and the destination has exactly those."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+
+    paths = [write_ct(tmp_path / "in", study="move-cancel", index=i) for i in range(1, 31)]
+    assert all(s.Status == 0 for s in store_files(embedded.dicom_port, paths).values())
+    study_uid = str(dcmread(paths[0]).StudyInstanceUID)
+
+    arrived: list[str] = []
+
+    def on_store(event: object) -> int:
+        arrived.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[attr-defined]
+        time.sleep(0.05)  # a slow workstation: the cancel arrives while sub-operations remain
+        return 0
+
+    destination = AE(ae_title="SLOWWS")
+    destination.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    scp = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        added = cli(embedded, "remote", "add", "slow-ws", "--aet", "SLOWWS", "--host", "127.0.0.1", "--port", str(port))
+        assert added.returncode == 0, added.stderr
+        ae = AE(ae_title="MOVESCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", embedded.dicom_port, ae_title="VNPACS")
+        assert assoc.is_established
+        (cx,) = assoc.accepted_contexts
+        responses = []
+        identifier = study_identifier("STUDY", StudyInstanceUID=study_uid)
+        for response, _ in assoc.send_c_move(identifier, "SLOWWS", StudyRootQueryRetrieveInformationModelMove, 1):
+            responses.append(response)
+            if response and response.Status == 0xFF00 and int(response.NumberOfCompletedSuboperations) == 3:
+                assoc.send_c_cancel(1, cx.context_id)
+        assoc.release()
+    finally:
+        scp.shutdown()
+    final = responses[-1]
+    assert final.Status == 0xFE00, final
+    pending = [r for r in responses if r.Status == 0xFF00]
+    remaining = [int(r.NumberOfRemainingSuboperations) for r in pending]
+    assert remaining[0] == 29 and remaining == sorted(remaining, reverse=True)
+    assert [int(r.NumberOfCompletedSuboperations) for r in pending] == list(range(1, len(pending) + 1))
+    assert int(final.NumberOfCompletedSuboperations) == len(arrived)
+    assert int(final.NumberOfRemainingSuboperations) == 30 - len(arrived)
+    assert 3 <= len(arrived) < 30 and len(set(arrived)) == len(arrived)
+
+
 # ---- security and bad input ----------------------------------------------------------------------------------------
 
 

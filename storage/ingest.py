@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import io
 import logging
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
 
 from pydicom import dcmread
-from pydicom.charset import convert_encodings
+from pydicom.charset import convert_encodings, decode_bytes, default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.values import TEXT_VR_DELIMS
 from sqlalchemy import Connection, Engine, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -116,29 +118,72 @@ class _Header:
     size: int
 
 
+@functools.cache
+def _tag_vr(keyword: str) -> tuple[int | None, str]:
+    tag = tag_for_keyword(keyword)
+    return tag, (dictionary_VR(tag) if tag is not None else "")
+
+
+def _encoding(ds: Dataset) -> list[str]:
+    encoding: list[str] | None = ds.__dict__.get("_vn_encoding")
+    if encoding is None:
+        encoding = convert_encodings(ds.get("SpecificCharacterSet"))
+        ds.__dict__["_vn_encoding"] = encoding
+    return encoding
+
+
 def _get(ds: Dataset, keyword: str) -> Any:
     """`ds.get(keyword)` for a plain (non-sequence) attribute, converted without caching it in the dataset.
 
     pydicom's own conversion looks the character set up again for every element it converts; ingest reads a few
     dozen attributes of every object, so the encoding is looked up once per dataset and passed in.
     """
-    tag = tag_for_keyword(keyword)
-    if tag is None or dictionary_VR(tag) == "SQ":
+    tag, vr = _tag_vr(keyword)
+    if tag is None or vr == "SQ":
         return ds.get(keyword)
     raw = ds.get_item(tag)
     if raw is None:
         return None
     if not isinstance(raw, RawDataElement):
         return raw.value
-    encoding = ds.__dict__.get("_vn_encoding")
-    if encoding is None:
-        encoding = convert_encodings(ds.get("SpecificCharacterSet"))
-        ds.__dict__["_vn_encoding"] = encoding
-    return convert_raw_data_element(raw, encoding=encoding, ds=ds).value
+    return convert_raw_data_element(raw, encoding=_encoding(ds), ds=ds).value
 
 
-def _str(ds: Dataset, keyword: str, limit: int = 64) -> str:
-    """A text value as stored in the index: decoded, NFC, multi-values joined by a backslash, bounded."""
+# String VRs whose index text comes straight from the element's bytes, decoded as pydicom decodes them: the default
+# repertoire ones (pydicom: `convert_string`, `convert_UI`), and the ones in the Specific Character Set
+# (`convert_text`, `convert_single_string`; multi-valued ones split after decoding, each value right-stripped).
+# tests/test_ingest.py checks the result equals pydicom's conversion for every attribute of every corpus file.
+_DEFAULT_REPERTOIRE_VRS = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
+_MULTI_TEXT_VRS = frozenset({"SH", "LO", "UC"})
+_SINGLE_TEXT_VRS = frozenset({"ST", "LT", "UT"})
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str | None:
+    """The text of a plain string attribute from its raw bytes, values joined by a backslash; None when the element
+    is not a raw string element of its dictionary VR (pydicom's conversion then decides)."""
+    tag, vr = _tag_vr(keyword)
+    if tag is None:
+        return None
+    raw = ds.get_item(tag)
+    if raw is None:
+        return ""
+    if not isinstance(raw, RawDataElement) or (raw.VR is not None and vr != raw.VR):
+        return None
+    value = raw.value
+    if not isinstance(value, bytes):
+        return None
+    if vr in _DEFAULT_REPERTOIRE_VRS:
+        return value.decode(default_encoding)
+    if vr in _MULTI_TEXT_VRS:
+        decoded = decode_bytes(value, _encoding(ds), TEXT_VR_DELIMS)
+        return "\\".join(v.rstrip("\0 ") for v in decoded.split("\\"))
+    if vr in _SINGLE_TEXT_VRS:
+        return decode_bytes(value, _encoding(ds), TEXT_VR_DELIMS)
+    return None
+
+
+def _str_slow(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    """`_str` through pydicom's element conversion."""
     try:
         value = _get(ds, keyword)
     except Exception:  # a malformed value of an optional attribute must not refuse the object
@@ -152,11 +197,23 @@ def _str(ds: Dataset, keyword: str, limit: int = 64) -> str:
     return nfc(text.replace("\x00", "").strip())[:limit]
 
 
+def _str(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    """A text value as stored in the index: decoded, NFC, multi-values joined by a backslash, bounded."""
+    try:
+        text = _raw_text(ds, keyword)
+    except Exception:  # undecodable bytes: pydicom's conversion decides (and replaces what it cannot decode)
+        text = None
+    if text is None:
+        return _str_slow(ds, keyword, limit)
+    return nfc(text.replace("\x00", "").strip())[:limit]
+
+
 def _time(ds: Dataset, keyword: str) -> str:
     return _str(ds, keyword, 16).replace(":", "")
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int_slow(ds: Dataset, keyword: str) -> int | None:
+    """`_int` through pydicom's element conversion."""
     try:
         value = _get(ds, keyword)
         if value is None or value == "":
@@ -167,6 +224,25 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     except Exception:
         return None
     return number if -(2**31) <= number < 2**31 else None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    """The first value of an integer attribute (IS or US), None when absent, empty or not an integer."""
+    tag, vr = _tag_vr(keyword)
+    raw = ds.get_item(tag) if tag is not None else None
+    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and (raw.VR is None or vr == raw.VR):
+        value = raw.value
+        if not value:
+            return None
+        if vr == "US" and len(value) == 2:
+            return int.from_bytes(value, "little" if raw.is_little_endian else "big")
+        if vr == "IS":
+            text = value.split(b"\\", 1)[0].strip(b" \x00")
+            digits = text[1:] if text[:1] in (b"+", b"-") else text
+            if digits.isdigit():  # ASCII digits only (bytes); anything else goes to pydicom
+                number = int(text)
+                return number if -(2**31) <= number < 2**31 else None
+    return _int_slow(ds, keyword)
 
 
 def _check_uid(ds: Dataset, keyword: str) -> str:

@@ -45,32 +45,45 @@ def test_token_mode_requires_a_valid_token_in_header_or_query(start_server: Star
     assert httpx.get(f"{server.base_url}/health").status_code == 200  # liveness stays open
 
 
+class Jwks:
+    """A real HTTP server publishing a JWKS, as an OIDC issuer does; `sign` issues RS256 tokens with its key."""
+
+    def __init__(self, kid: str = "benh-vien-1") -> None:
+        self.kid = kid
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(RSAAlgorithm.to_jwk(self.key.public_key()))
+        jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
+        body = json.dumps({"keys": [jwk]}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def sign(self, claims: dict[str, object]) -> str:
+        return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @pytest.fixture
 def oidc_issuer() -> Iterator[tuple[str, rsa.RSAPrivateKey]]:
-    """A real HTTP server publishing a JWKS, as an OIDC issuer does."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
-    jwk.update({"kid": "benh-vien-1", "use": "sig", "alg": "RS256"})
-    body = json.dumps({"keys": [jwk]}).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    port = free_port()
-    httpd = HTTPServer(("127.0.0.1", port), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    issuer = Jwks()
     try:
-        yield f"http://127.0.0.1:{port}/jwks.json", key
+        yield issuer.url, issuer.key
     finally:
-        httpd.shutdown()
+        issuer.close()
 
 
 def test_tokens_signed_by_an_oidc_issuer_are_checked_against_its_jwks(

@@ -22,19 +22,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import hl7
 import httpx
-import jwt
 import pydicom
 import pytest
 import yaml
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 from sqlalchemy.engine import make_url
 
 from pacs.settings import Settings, load_settings, unknown_variables
@@ -51,6 +47,7 @@ from tests.services import (
     free_ports,
     http_status,
 )
+from tests.test_auth import Jwks
 from tests.test_reports import P12_PASSWORD, Pki, make_pki
 from tests.test_results import HisListener, wait_for
 
@@ -218,38 +215,13 @@ def test_the_image_runs_its_own_installed_copy(image: Path, tmp_path: Path) -> N
     assert shown.returncode == 0 and "serve" in shown.stdout and "worker" in shown.stdout
 
 
-class Jwks:
-    """The hospital's SSO: an HTTP server publishing the signing key of the tokens it issues."""
-
-    def __init__(self) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(RSAAlgorithm.to_jwk(self.key.public_key()))
-        jwk.update({"kid": KID, "use": "sig", "alg": "RS256"})
-        body = json.dumps({"keys": [jwk]}).encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = HTTPServer((LOOPBACK, 0), Handler)
-        self.url = f"http://{LOOPBACK}:{self.httpd.server_address[1]}/certs"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+class Sso(Jwks):
+    """The hospital's SSO: tokens with the issuer and audience compose.yml requires."""
 
     def token(self, **claims: object) -> str:
         env = node_env("vnpacs-1")
-        payload = {"sub": "bs.hanh", "iss": env["VNPACS_JWT_ISSUER"], "aud": env["VNPACS_JWT_AUDIENCE"],
-                   "exp": int(time.time()) + 600, **claims}  # fmt: skip
-        return jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": KID})
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return self.sign({"sub": "bs.hanh", "iss": env["VNPACS_JWT_ISSUER"], "aud": env["VNPACS_JWT_AUDIENCE"],
+                          "exp": int(time.time()) + 600, **claims})  # fmt: skip
 
 
 @dataclass
@@ -269,7 +241,7 @@ class Cluster:
     nodes: dict[str, Node]
     worker: Service
     his: HisListener
-    sso: Jwks
+    sso: Sso
     pki: Pki
     site: Path
     database: PgDatabase
@@ -301,7 +273,7 @@ def cluster(
     opt_viewer.parent.mkdir(parents=True)
     opt_viewer.symlink_to(REPO_ROOT / "viewer_api" / "dist")  # the image's /opt/vnpacs/viewer
     database = create_pg_database("vnpacs_compose")
-    sso = Jwks()
+    sso = Sso(KID)
     (his_port,) = free_ports(1)
     his = HisListener(his_port)
     his.start()

@@ -40,15 +40,15 @@ from tests.scu import dataset_bytes, run_dcmtk
 from tests.services import (
     LOOPBACK,
     REPO_ROOT,
-    PgDatabase,
     S3Service,
     Service,
+    VnpacsService,
     create_pg_database,
     free_ports,
     http_status,
 )
 from tests.test_auth import Jwks
-from tests.test_reports import P12_PASSWORD, Pki, make_pki
+from tests.test_reports import P12_PASSWORD, make_pki
 from tests.test_results import HisListener, wait_for
 
 DOCKER = REPO_ROOT / "docker"
@@ -225,29 +225,20 @@ class Sso(Jwks):
 
 
 @dataclass
-class Node:
-    service: Service
-    dicom_port: int
-    http_port: int
-    hl7_port: int
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-
-@dataclass
 class Cluster:
-    nodes: dict[str, Node]
-    worker: Service
+    nodes: dict[str, VnpacsService]
     his: HisListener
     sso: Sso
-    pki: Pki
-    site: Path
-    database: PgDatabase
 
     def auth(self, **claims: object) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.sso.token(**claims)}"}
+
+
+def command_of(name: str, site: Path) -> list[str]:
+    """Service `name`'s command (compose's, else the image's CMD), run with the image's installed `vnpacs`."""
+    program, *args = vnpacs_services()[name].get("command", image_command())
+    assert program == "vnpacs"
+    return [str(site / "bin" / "vnpacs"), *args]
 
 
 def _mapped(name: str, site: Path, folder: Path, neighbours: dict[str, str]) -> tuple[dict[str, str], list[int]]:
@@ -291,17 +282,15 @@ def cluster(
             "VNPACS_SIGNING_TRUST_ROOTS": str(pki.ca_pem),
             "VNPACS_VIEWER_DIR": str(opt_viewer),
         }
-        nodes: dict[str, Node] = {}
+        nodes: dict[str, VnpacsService] = {}
         started: list[Service] = []
         try:
             for name in ("vnpacs-1", "vnpacs-2"):
                 env, (dicom, http, hl7_port) = _mapped(name, image, folder, neighbours)
-                program, *args = vnpacs_services()[name].get("command", image_command())
-                assert program == "vnpacs"
                 ready = functools.partial(lambda url: http_status(url) == 200, f"http://{LOOPBACK}:{http}/health")
-                svc = Service(name=name, args=[str(image / "bin" / "vnpacs"), *args], env=env,
-                              log_path=folder / f"{name}.log", ready=ready, ready_timeout=90, cwd=folder)  # fmt: skip
-                nodes[name] = Node(svc, dicom, http, hl7_port)
+                nodes[name] = VnpacsService(name=name, args=command_of(name, image), env=env,
+                                            log_path=folder / f"{name}.log", ready=ready, ready_timeout=90, cwd=folder,
+                                            dicom_port=dicom, http_port=http, hl7_port=hl7_port)  # fmt: skip
             # Both nodes start at once on the new, empty database, as `docker compose up` starts them.
             errors: list[BaseException] = []
 
@@ -311,21 +300,21 @@ def cluster(
                 except BaseException as exc:  # noqa: BLE001 - re-raised below in the fixture's thread
                     errors.append(exc)
 
-            threads = [threading.Thread(target=start, args=(n.service,)) for n in nodes.values()]
+            threads = [threading.Thread(target=start, args=(node,)) for node in nodes.values()]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-            started += [n.service for n in nodes.values()]
+            started += nodes.values()
             if errors:
                 raise errors[0]
             env, _ = _mapped("worker", image, folder, neighbours)
             log = folder / "worker.log"
-            worker = Service(name="worker", args=[str(image / "bin" / "vnpacs"), "worker"], env=env, log_path=log,
+            worker = Service(name="worker", args=command_of("worker", image), env=env, log_path=log,
                              ready=lambda: log.exists() and "ready." in log.read_text(errors="replace"),
                              ready_timeout=60, cwd=folder)  # fmt: skip
             started.append(worker.start())
-            yield Cluster(nodes, worker, his, sso, pki, image, database)
+            yield Cluster(nodes, his, sso)
         finally:
             for svc in started:
                 svc.stop()
@@ -339,7 +328,7 @@ def test_both_nodes_pass_the_image_healthcheck(cluster: Cluster) -> None:
     assert command[0] == "python"
     command[0] = sys.executable  # the image's python
     for node in cluster.nodes.values():
-        checked = subprocess.run(command, env=node.service.env, capture_output=True, timeout=30)
+        checked = subprocess.run(command, env=node.env, capture_output=True, timeout=30)
         assert checked.returncode == 0, checked.stderr
     (nobody,) = free_ports(1)
     down = subprocess.run(command, env={**os.environ, "VNPACS_HTTP_PORT": str(nobody)}, capture_output=True)
@@ -348,7 +337,7 @@ def test_both_nodes_pass_the_image_healthcheck(cluster: Cluster) -> None:
 
 def test_only_the_hospitals_modalities_are_accepted(cluster: Cluster) -> None:
     node = cluster.nodes["vnpacs-2"]
-    ae = node.service.env["VNPACS_ALLOWED_AES"].split(",")[0]
+    ae = node.env["VNPACS_ALLOWED_AES"].split(",")[0]
     ok = run_dcmtk("echoscu", "-aet", ae, "-aec", "VNPACS", LOOPBACK, str(node.dicom_port), timeout=30)
     assert ok.returncode == 0, ok.stderr
     stranger = run_dcmtk("echoscu", "-aet", "LAPTOP", "-aec", "VNPACS", LOOPBACK, str(node.dicom_port), timeout=30)
@@ -361,7 +350,7 @@ def test_a_study_stored_on_one_node_is_found_and_retrieved_byte_exact_on_the_oth
     first, second = cluster.nodes["vnpacs-1"], cluster.nodes["vnpacs-2"]
     who = patient("Đặng^Thị Hạnh", "BN-COMPOSE", cccd="", bhyt="")
     files = [write_ct(tmp_path, who=who, study="compose", index=i) for i in (1, 2)]
-    ae = first.service.env["VNPACS_ALLOWED_AES"].split(",")[0]
+    ae = first.env["VNPACS_ALLOWED_AES"].split(",")[0]
     stored = run_dcmtk("storescu", "-aet", ae, "-aec", "VNPACS", LOOPBACK, str(first.dicom_port), *map(str, files))
     assert stored.returncode == 0, stored.stderr
 
@@ -405,7 +394,7 @@ def test_a_report_signed_on_one_node_reaches_the_his_through_the_worker_and_veri
     assert ack_code(ack) == "AA", ack_text(ack)
     who = patient("Lý^Văn Phúc", "BN-COMPOSE-2", cccd="", bhyt="")
     path = write_ct(tmp_path, who=who, study="compose-report", index=1, AccessionNumber="CPACC1")
-    ae = first.service.env["VNPACS_ALLOWED_AES"].split(",")[0]
+    ae = first.env["VNPACS_ALLOWED_AES"].split(",")[0]
     stored = run_dcmtk("storescu", "-aet", ae, "-aec", "VNPACS", LOOPBACK, str(first.dicom_port), str(path))
     assert stored.returncode == 0, stored.stderr
     study_uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)

@@ -230,6 +230,8 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     """The first value of an integer attribute (IS or US), None when absent, empty or not an integer."""
     tag, vr = _tag_vr(keyword)
     raw = ds.get_item(tag) if tag is not None else None
+    if raw is None:
+        return None  # absent (or no such keyword): what pydicom's conversion would answer, without a second lookup
     if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and (raw.VR is None or vr == raw.VR):
         value = raw.value
         if not value:

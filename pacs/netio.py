@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import hashlib
+import io
 import itertools
 import logging
 import os
@@ -244,6 +245,7 @@ def apply() -> None:
         _patch_send_c_store(association)
         _patch_recv(transport)
         _patch_spool(dimse_messages)
+        _patch_store_command(_config, dimse_messages, dimse_primitives, evt)
         _patch_send_store_response(dimse, evt, pdu_primitives, dimse_primitives)
 
         dul_cls = dul.DULServiceProvider
@@ -294,6 +296,7 @@ def apply() -> None:
             orig_dimse_init(self, assoc)
             self.msg_queue = _MessageQueue(assoc, c_store)
 
+        _patch_p_data(dul, evt, pdu_primitives)
         dul_cls.__init__ = dul_init  # type: ignore[method-assign]
         dul_cls.run_reactor = run_reactor  # type: ignore[method-assign]
         dul_cls.kill_dul = kill_dul  # type: ignore[method-assign]
@@ -634,3 +637,236 @@ def _patch_send_store_response(dimse: Any, evt: Any, pdu_primitives: Any, dimse_
         orig_send_msg(self, primitive, context_id)
 
     dimse.DIMSEServiceProvider.send_msg = send_msg
+
+
+# ---- P-DATA-TF PDUs and C-STORE commands decoded directly ------------------------------------------------------
+
+
+def split_pdvs(body: bytes | bytearray) -> list[list[Any]] | None:
+    """The Presentation Data Value items of a P-DATA-TF PDU's body (PS3.8 9.3.5.1) as pynetdicom's P-DATA lists
+    [context ID, message control header + fragment], or None when the items do not fill the body exactly (pynetdicom's
+    own decoder then decides what is wrong)."""
+    pdvs: list[list[Any]] = []
+    view = memoryview(body)
+    end = len(body)
+    pos = 0
+    while pos < end:
+        if pos + 6 > end:
+            return None
+        (length,) = struct.unpack_from(">I", body, pos)
+        if length < 2 or pos + 4 + length > end:
+            return None
+        pdvs.append([body[pos + 4], bytes(view[pos + 5 : pos + 4 + length])])
+        pos += 4 + length
+    return pdvs or None
+
+
+def _patch_p_data(dul: Any, evt: Any, pdu_primitives: Any) -> None:
+    """Hand the P-DATA-TF PDUs of an established association straight to DIMSE.
+
+    For every PDU pynetdicom builds a PDU object and its items, copies the bytes twice, queues an event for its state
+    machine and only then, in action DT-2 (Sta6 + Evt10, staying in Sta6), passes a P-DATA primitive to DIMSE. A 512 KB
+    image is several PDUs. When the association is in Sta6 with no other event waiting and no handler bound to the
+    events this skips (data and PDU received, state machine transitions), the PDU is split here and DT-2's work done
+    at once: same primitive, same order, same state. Any other PDU, and any P-DATA-TF whose items do not parse,
+    follows pynetdicom's path from the bytes already read.
+    """
+    cls = dul.DULServiceProvider
+    if not hasattr(cls, "_read_pdu_data") or not hasattr(cls, "_decode_pdu"):
+        return
+    p_data = pdu_primitives.P_DATA
+    watched = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+
+    def read_pdu_data(self: Any) -> None:
+        sock = self.socket
+        try:
+            head = sock.recv(6)
+        except (OSError, TimeoutError):
+            log.debug("connection closed before a PDU header was received")
+            self.event_queue.put("Evt17")  # transport connection closed
+            return
+        if len(head) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = struct.unpack(">BBL", head)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")  # unrecognised or invalid PDU
+            return
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError):
+            log.error("connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            log.error("the received PDU is shorter than expected (%d of %d bytes)", 6 + len(body), 6 + length)
+            self.event_queue.put("Evt17")
+            return
+        assoc = self.assoc
+        if (
+            pdu_type == 0x04
+            and self.state_machine.current_state == "Sta6"
+            and self.event_queue.empty()
+            and not any(assoc.get_handlers(event) for event in watched)
+        ):
+            pdvs = split_pdvs(body)
+            if pdvs is not None:
+                primitive = p_data()
+                primitive.presentation_data_value_list = pdvs
+                assoc.dimse.receive_primitive(primitive)  # DT-2
+                return
+        try:
+            pdu, event = self._decode_pdu(head + body)
+        except Exception as exc:
+            log.error("unable to decode the received PDU: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    cls._read_pdu_data = read_pdu_data
+
+
+# The command elements a C-STORE-RQ may carry (PS3.7 9.3.1.1): tag -> (keyword of pynetdicom's C_STORE or None, VR).
+_STORE_COMMAND = {
+    0x0000: (None, "UL"),  # Command Group Length
+    0x0002: ("AffectedSOPClassUID", "UI"),
+    0x0100: (None, "US"),  # Command Field
+    0x0110: ("MessageID", "US"),
+    0x0700: ("Priority", "US"),
+    0x0800: (None, "US"),  # Command Data Set Type
+    0x1000: ("AffectedSOPInstanceUID", "UI"),
+    0x1030: ("MoveOriginatorApplicationEntityTitle", "AE"),
+    0x1031: ("MoveOriginatorMessageID", "US"),
+}
+_UID_CHARS = frozenset(b"0123456789.")
+
+
+def decode_store_command(encoded: bytes) -> dict[str, Any] | None:
+    """The parameters of a C-STORE-RQ command set (Implicit VR Little Endian) with a data set, as pydicom would
+    convert them, or None for anything else or anything unusual: then pynetdicom decodes it."""
+    values: dict[str, Any] = {}
+    fields: dict[int, Any] = {}
+    pos, end = 0, len(encoded)
+    while pos < end:
+        if pos + 8 > end:
+            return None
+        group, elem, length = struct.unpack_from("<HHI", encoded, pos)
+        pos += 8
+        spec = _STORE_COMMAND.get(elem)
+        if group != 0 or spec is None or pos + length > end or elem in fields:
+            return None
+        raw = encoded[pos : pos + length]
+        pos += length
+        keyword, vr = spec
+        value: Any
+        if vr == "US":
+            if length != 2:
+                return None
+            value = raw[0] | raw[1] << 8
+        elif vr == "UL":
+            if length != 4:
+                return None
+            value = int.from_bytes(raw, "little")
+        elif vr == "UI":
+            raw = raw.rstrip(b"\0 ")
+            if not raw or not _UID_CHARS.issuperset(raw):
+                return None
+            value = raw.decode("ascii")
+        else:  # AE
+            text = raw.strip(b" ")
+            if not text or not all(0x20 <= c < 0x7F and c != 0x5C for c in text):
+                return None
+            value = text.decode("ascii")
+        fields[elem] = value
+        if keyword is not None:
+            values[keyword] = value
+    if fields.get(0x0100) != 0x0001 or fields.get(0x0800, 0x0101) == 0x0101:
+        return None  # not a C-STORE-RQ, or one without a data set
+    if not {"AffectedSOPClassUID", "AffectedSOPInstanceUID", "MessageID", "Priority"} <= values.keys():
+        return None
+    return values
+
+
+def _patch_store_command(config: Any, dimse_messages: Any, dimse_primitives: Any, evt: Any) -> None:
+    """Decode C-STORE-RQ command sets without a pydicom Dataset.
+
+    pynetdicom decodes every command set into a pydicom Dataset and then sets each of its elements, converted, on a
+    new primitive. A C-STORE request has a fixed set of small elements, so the primitive is built from the bytes here,
+    through the primitive's own validating setters; the object's spool file is opened as pynetdicom opens it. A
+    command with any other element, or any value pydicom would convert differently, takes pynetdicom's path, and
+    so does every message when a handler is bound to EVT_DIMSE_RECV (which is given the decoded command set).
+    """
+    message_cls = dimse_messages.DIMSEMessage
+    store_rq = getattr(dimse_messages, "C_STORE_RQ", None)
+    c_store = dimse_primitives.C_STORE
+    if (
+        store_rq is None
+        or not hasattr(message_cls, "message_to_primitive")
+        or getattr(dimse_messages, "NamedTemporaryFile", None) is None
+        or getattr(dimse_messages, "write_file_meta_info", None) is None
+        or getattr(dimse_messages, "create_file_meta", None) is None
+    ):
+        return
+    dimse_recv = evt.EVT_DIMSE_RECV
+    patched_decode = message_cls.decode_msg  # the spool wrapper, when installed
+    orig_to_primitive = message_cls.message_to_primitive
+
+    def start_store(self: Any, context_id: int, encoded: bytes, assoc: Any) -> bool:
+        """Take a complete C-STORE-RQ command; False leaves it to pynetdicom."""
+        if not config.STORE_RECV_CHUNKED_DATASET or assoc.get_handlers(dimse_recv):
+            return False
+        values = decode_store_command(encoded)
+        if values is None:
+            return False
+        cx = assoc._accepted_cx.get(context_id)
+        if cx is None or not cx.transfer_syntax:
+            return False
+        primitive = c_store()
+        try:
+            for keyword, value in values.items():
+                setattr(primitive, keyword, value)
+        except (ValueError, TypeError):
+            return False  # pynetdicom's decoding raises the same and ends the association
+        primitive.DataSet = io.BytesIO()
+        primitive._context_id = context_id
+        self.context_id = context_id
+        self.__class__ = store_rq
+        spool = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+        self._data_set_file = spool
+        self._data_set_path = Path(spool.name)
+        spool.write(b"\x00" * 128 + b"DICM")
+        dimse_messages.write_file_meta_info(
+            spool,
+            dimse_messages.create_file_meta(
+                sop_class_uid=primitive.AffectedSOPClassUID,
+                sop_instance_uid=primitive.AffectedSOPInstanceUID,
+                transfer_syntax=cx.transfer_syntax[0],
+            ),
+        )
+        self._vn_primitive = primitive
+        return True
+
+    def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
+        pdvs = getattr(primitive, "presentation_data_value_list", None)
+        if assoc is not None and pdvs and type(self) is message_cls and self.encoded_command_set.tell() == 0:
+            context_id, data = pdvs[0]
+            if data[0] & 3 == 3 and start_store(self, context_id, data[1:], assoc):  # the whole command at once
+                if len(pdvs) == 1:
+                    return False  # the data set follows in later PDUs
+                rest = primitive.__class__()
+                rest.presentation_data_value_list = pdvs[1:]
+                return patched_decode(self, rest, assoc)  # type: ignore[no-any-return]
+        return patched_decode(self, primitive, assoc)  # type: ignore[no-any-return]
+
+    def message_to_primitive(self: Any) -> Any:
+        primitive = self.__dict__.pop("_vn_primitive", None)
+        if primitive is None:
+            return orig_to_primitive(self)
+        primitive._dataset_path = self._data_set_path
+        primitive._dataset_file = self._data_set_file
+        return primitive
+
+    message_cls.decode_msg = decode_msg
+    message_cls.message_to_primitive = message_to_primitive

@@ -1,15 +1,22 @@
-"""The packed C-STORE response and File Meta Information are byte-identical to what pynetdicom itself encodes."""
+"""What pacs.netio encodes and decodes in pynetdicom's place is what pynetdicom itself encodes and decodes."""
 
 from __future__ import annotations
 
 import io
+import struct
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom import dimse_messages, dsutils
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, StoragePresentationContexts, dimse_messages, dsutils, evt
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
 
 from pacs import netio
 
@@ -82,3 +89,243 @@ def test_spooled_file_meta_packed_as_pydicom_writes_it(sop_class: str, sop_insta
         ),
     )
     assert packed.getvalue() == expected.getvalue()
+
+
+# ---- C-STORE requests decoded without pynetdicom's PDU objects and command Datasets ---------------------------
+
+
+def _store_request(
+    sop_class: str, sop_instance: str, *, message_id: int = 3, priority: int = 0, **extra: object
+) -> C_STORE:
+    rq = C_STORE()
+    rq.MessageID = message_id
+    rq.AffectedSOPClassUID = sop_class
+    rq.AffectedSOPInstanceUID = sop_instance
+    rq.Priority = priority
+    for keyword, value in extra.items():
+        setattr(rq, keyword, value)
+    rq.DataSet = io.BytesIO(b"\x08\x00\x18\x00\x00\x00\x00\x00")
+    return rq
+
+
+def _encoded_store_command(rq: C_STORE) -> bytes:
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    fragments = [pdv.presentation_data_value_list[0][1] for pdv in message.encode_msg(1, 131072)]
+    return b"".join(fragment[1:] for fragment in fragments if fragment[0] & 1)
+
+
+def _pynetdicom_store_parameters(encoded: bytes) -> dict[str, object]:
+    """What pynetdicom's own decoding sets on the primitive, for the parameters a C-STORE request carries."""
+    message = C_STORE_RQ()
+    message.command_set = dsutils.decode(io.BytesIO(encoded), True, True)
+    primitive = message.message_to_primitive()
+    keywords = ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "MessageID", "Priority",
+                "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")  # fmt: skip
+    return {k: getattr(primitive, k) for k in keywords if getattr(primitive, k) is not None}
+
+
+@pytest.mark.parametrize(
+    "rq",
+    [
+        _store_request(CT, "1.2.3.4"),
+        _store_request(MR, "1.2.3.45", message_id=65535, priority=2),  # odd-length UID padded with a NUL
+        _store_request(
+            CT,
+            "1.2.826.0.1.3680043.8.498.1",
+            priority=1,
+            MoveOriginatorApplicationEntityTitle="WS1",
+            MoveOriginatorMessageID=9,
+        ),  # fmt: skip
+        _store_request(CT, "1.2.3", MoveOriginatorApplicationEntityTitle="  PACS AE ", MoveOriginatorMessageID=0),
+    ],
+)
+def test_store_command_decoded_as_pynetdicom_decodes_it(rq: C_STORE) -> None:
+    encoded = _encoded_store_command(rq)
+    decoded = netio.decode_store_command(encoded)
+    assert decoded is not None
+    expected = _pynetdicom_store_parameters(encoded)
+    assert decoded == {k: str(v) if k.endswith("UID") else v for k, v in expected.items()}
+    primitive = C_STORE()  # the values pass the primitive's own validation as they are
+    for keyword, value in decoded.items():
+        setattr(primitive, keyword, value)
+    assert {k: getattr(primitive, k) for k in expected} == expected
+
+
+def _element(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0, elem, len(value)) + value
+
+
+def _command(*elements: bytes) -> bytes:
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+_STORE_ELEMENTS = {
+    0x0002: _element(0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"),
+    0x0100: _element(0x0100, b"\x01\x00"),
+    0x0110: _element(0x0110, b"\x05\x00"),
+    0x0700: _element(0x0700, b"\x00\x00"),
+    0x0800: _element(0x0800, b"\x02\x02"),
+    0x1000: _element(0x1000, b"1.2.3.4"),
+}
+
+
+def _store_command_with(**replace: bytes) -> bytes:
+    elements = dict(_STORE_ELEMENTS)
+    for name, value in replace.items():
+        elem = int(name[1:], 16)
+        if value:
+            elements[elem] = value
+        else:
+            del elements[elem]
+    return _command(*(elements[k] for k in sorted(elements)))
+
+
+def test_crafted_store_command_is_decoded() -> None:
+    assert netio.decode_store_command(_store_command_with()) == {
+        "AffectedSOPClassUID": CT,
+        "AffectedSOPInstanceUID": "1.2.3.4",
+        "MessageID": 5,
+        "Priority": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        _store_command_with(e0902=_element(0x0902, b"comment ")),  # an element a C-STORE request does not carry
+        _store_command_with(e0100=_element(0x0100, b"\x30\x00")),  # a C-ECHO request
+        _store_command_with(e0800=_element(0x0800, b"\x01\x01")),  # no data set
+        _store_command_with(e0700=_element(0x0700, b"\x00\x00\x01\x00")),  # Priority with two values
+        _store_command_with(e1000=_element(0x1000, b"1.2.3.x")),  # not a UID
+        _store_command_with(e1000=_element(0x1000, b"")),  # empty UID
+        _store_command_with(e1000=b""),  # no SOP Instance UID
+        _store_command_with(e0110=b""),  # no Message ID
+        _store_command_with(e1030=_element(0x1030, "TRẠM".encode())),  # non-ASCII AE title
+        _store_command_with(e1030=_element(0x1030, b"A\\B ")),  # AE with a value delimiter
+        _store_command_with()[:-3],  # truncated value
+        _store_command_with() + _element(0x0110, b"\x06\x00"),  # an element twice
+        _store_command_with() + b"\x08\x00\x05\x00",  # a group other than 0000, truncated
+    ],
+)
+def test_unusual_store_commands_are_left_to_pynetdicom(encoded: bytes) -> None:
+    assert netio.decode_store_command(encoded) is None
+
+
+def test_pdvs_split_as_pynetdicom_decodes_them() -> None:
+    pdu = P_DATA_TF()
+    pdu.decode(
+        b"\x04\x00"
+        + struct.pack(">I", 6 + 5 + 6 + 9 + 6 + 2)
+        + struct.pack(">IB", 6, 1) + b"\x03abcd"
+        + struct.pack(">IB", 10, 3) + b"\x00efghijkl"
+        + struct.pack(">IB", 3, 5) + b"\x02z"
+    )  # fmt: skip
+    body = pdu.encode()[6:]
+    assert netio.split_pdvs(body) == [list(pdv) for pdv in pdu.to_primitive().presentation_data_value_list]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",  # no item
+        struct.pack(">IB", 1, 1),  # an item too short to hold a control header
+        struct.pack(">IB", 9, 1) + b"\x03abc",  # an item longer than the PDU
+        struct.pack(">IB", 4, 1) + b"\x03abc" + b"\x00\x00",  # bytes after the last item
+    ],
+)
+def test_malformed_pdvs_are_left_to_pynetdicom(body: bytes) -> None:
+    assert netio.split_pdvs(body) is None
+
+
+@pytest.fixture()
+def receiver() -> Iterator[tuple[int, list[bytes], AE]]:
+    """A pynetdicom Storage SCP in this process, with the patches applied: the spooled objects' bytes."""
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(Path(event.dataset_path).read_bytes())
+        return 0x0000
+
+    ae = AE("NETIO")
+    ae.supported_contexts = StoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield server.server_address[1], received, ae
+    finally:
+        server.shutdown()
+
+
+def _send(port: int, datasets: list[Dataset], max_pdu: int) -> list[int]:
+    scu = AE("SCU")
+    scu.maximum_pdu_size = max_pdu
+    scu.add_requested_context(CT, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", port)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _ct(n: int, nbytes: int) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.77.{n}"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.77.0"
+    ds.PatientName = "Nguyễn^Văn An"
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.BitsAllocated = 8
+    ds.PixelData = bytes(range(256)) * (nbytes // 256)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_received_objects_identical_on_either_path(
+    receiver: tuple[int, list[bytes], AE], monkeypatch: pytest.MonkeyPatch, watched: bool
+) -> None:
+    """P-DATA-TF PDUs skip pynetdicom's PDU decoding and the C-STORE commands its Dataset decoding, unless someone
+    watches the events they skip: either way the spooled objects are the same bytes."""
+    port, received, ae = receiver
+    decoded: list[int] = []
+    commands: list[str] = []
+    orig_decode_pdu = DULServiceProvider._decode_pdu
+    orig_decode = dsutils.decode
+
+    def count_pdu(self: DULServiceProvider, bytestream: bytearray) -> tuple[object, str]:
+        decoded.append(bytestream[0])
+        return orig_decode_pdu(self, bytestream)  # type: ignore[return-value]
+
+    def count_command(*args: object, **kwargs: object) -> Dataset:
+        command = orig_decode(*args, **kwargs)  # type: ignore[arg-type]
+        if command.CommandField == 0x0001:  # C-STORE-RQ (the responses the SCU here decodes are not counted)
+            commands.append(command.AffectedSOPInstanceUID)
+        return command
+
+    monkeypatch.setattr(DULServiceProvider, "_decode_pdu", count_pdu)
+    monkeypatch.setattr(dimse_messages, "decode", count_command)
+    if watched:
+        for event in (evt.EVT_PDU_RECV, evt.EVT_DIMSE_RECV):
+            ae._servers[0].bind(event, lambda event: None)
+    datasets = [_ct(n, nbytes) for n, nbytes in enumerate([256, 40_000, 300_000])]
+    assert _send(port, datasets, max_pdu=16_384) == [0, 0, 0]
+    p_data_decoded = decoded.count(0x04)
+    if watched:
+        assert p_data_decoded > 20 and len(commands) == 3  # every P-DATA-TF and command through pynetdicom
+    else:
+        assert p_data_decoded == 0 and commands == []
+    assert decoded.count(0x01) == 1  # the A-ASSOCIATE-RQ always takes pynetdicom's path
+    expected = []
+    for ds in datasets:
+        fp = DicomBytesIO()
+        ds.save_as(fp, enforce_file_format=False)
+        expected.append(fp.getvalue())
+    # The spool holds pynetdicom's File Meta Information and the data set as sent.
+    assert [b[b.index(b"\x08\x00\x05\x00") :] for b in received] == [
+        e[e.index(b"\x08\x00\x05\x00") :] for e in expected
+    ]
+    assert all(b[128:132] == b"DICM" for b in received)

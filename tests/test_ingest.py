@@ -13,6 +13,7 @@ from storage.db import make_engine, upgrade
 from storage.ingest import Archive
 from storage.models import Instance, Series, Study
 from tests.data import write_ct
+from tests.scu import pydicom_files
 
 
 def test_concurrent_stores_share_commits_and_each_object_is_indexed_once(tmp_path: Path) -> None:
@@ -55,14 +56,13 @@ def test_index_text_read_from_raw_bytes_equals_pydicoms_conversion() -> None:
     charset files with ISO 2022 escapes, GB18030 and legacy single-byte sets included, the value equals the one
     pydicom's own conversion gives."""
     from pydicom import dcmread
-    from pydicom.data import get_charset_files, get_testdata_files
     from pydicom.datadict import dictionary_VR, keyword_for_tag
 
     from storage.ingest import _int, _int_slow, _str, _str_slow
 
     vrs = {"AS", "CS", "DA", "DT", "TM", "UI", "SH", "LO", "UC", "ST", "LT", "UT"}
     checked, files = 0, 0
-    for path in sorted(set(get_testdata_files("*.dcm")) | set(get_charset_files("*.dcm"))):
+    for path in _corpus():
         try:
             fast = dcmread(path, stop_before_pixels=True, defer_size="1 MB")
             slow = dcmread(path, stop_before_pixels=True, defer_size="1 MB")
@@ -118,3 +118,59 @@ def test_index_text_read_from_raw_bytes_equals_pydicoms_conversion() -> None:
             fast, slow = (dcmread(io.BytesIO(buffer.getvalue())) for _ in range(2))
             assert _int(fast, keyword) == _int_slow(slow, keyword), (charset, keyword)
         assert _int(dcmread(io.BytesIO(buffer.getvalue())), "InstanceNumber") == 42
+
+
+def _corpus() -> list[Path]:
+    """pydicom's test data, pydicom-data and pydicom's charset files (ISO 2022 escapes, GB18030, legacy sets)."""
+    from pydicom.data import get_charset_files
+
+    return sorted({*pydicom_files(), *(Path(p) for p in get_charset_files("*.dcm"))})
+
+
+def test_header_parsed_from_bytes_equals_dcmread() -> None:
+    """Ingest parses the File Meta Information itself and hands the data set to pydicom's `read_dataset`, skipping
+    dcmread's conversion of every meta element. For every file of pydicom's test data, pydicom-data and the charset
+    files, the result equals what dcmread(stop_before_pixels=True) reads: the same raw elements at the same offsets,
+    the same File Meta values, encoding and character set, stopped at the same place; a file dcmread cannot read is
+    not read either, and whatever the fast parse leaves (no preamble, deflated, an implicit VR meta group) goes to
+    dcmread."""
+    import io
+
+    from pydicom import dcmread
+    from pydicom.dataelem import RawDataElement
+
+    from storage.ingest import _HEAD_BYTES, _parse_head_fast
+
+    fast_files = fallback_files = 0
+    for path in _corpus():
+        head = path.read_bytes()[:_HEAD_BYTES]
+        try:
+            ref_mem = io.BytesIO(head)
+            ref = dcmread(ref_mem, stop_before_pixels=True, defer_size="1 MB")
+        except Exception:
+            ref = None
+        try:
+            parsed = _parse_head_fast(head)
+        except Exception:
+            assert ref is None, path  # the fast parse fails only where dcmread fails too
+            continue
+        if parsed is None:
+            fallback_files += 1
+            continue
+        assert ref is not None, path
+        fast_files += 1
+        ds, mem = parsed
+        assert mem.tell() == ref_mem.tell(), path
+        assert ds._dict.keys() == ref._dict.keys(), path
+        for tag, element in ref._dict.items():
+            if isinstance(element, RawDataElement):  # tag, VR, length, bytes and offset
+                assert ds._dict[tag] == element, (path, tag)
+            else:  # dcmread converts (0008,0005) to read the character set: the converted values equal
+                assert ds[tag] == element, (path, tag)
+        assert ds.original_encoding == ref.original_encoding, path
+        assert ds.original_character_set == ref.original_character_set, path
+        assert sorted(ds.file_meta.keys()) == sorted(ref.file_meta.keys()), path
+        for element in ref.file_meta:
+            assert ds.file_meta[element.tag].value == element.value, (path, element.tag)
+            assert ds.file_meta[element.tag].VR == element.VR, (path, element.tag)
+    assert fast_files > 120 and fallback_files > 5, (fast_files, fallback_files)

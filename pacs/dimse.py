@@ -314,6 +314,7 @@ class DimseServer:
                 expected_sop_class_uid=str(req.AffectedSOPClassUID),
                 expected_sop_instance_uid=str(req.AffectedSOPInstanceUID),
                 known_digest=netio.spooled_digest(path),
+                known_head=netio.spooled_head(path),
             )
         except SOPClassMismatch as exc:
             return _status(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, exc.message)

@@ -33,6 +33,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from storage.ingest import HEAD_BYTES
+
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT = 0.05  # seconds a reactor may sleep when nothing signals it; bounds timer/kill latency
@@ -438,6 +440,7 @@ class _Spool:
         self.name = name
         self.file = self  # pynetdicom flushes `.file` after each fragment; writes here are unbuffered
         self._digest = hashlib.sha256()
+        self._head = bytearray()  # the first HEAD_BYTES, which ingest parses the header from
         self._size = 0
         self._written_back = 0
         self._closed = False
@@ -448,6 +451,8 @@ class _Spool:
         view = memoryview(data)
         self._digest.update(view)
         total = len(view)
+        if self._size < HEAD_BYTES:
+            self._head += view[: HEAD_BYTES - self._size]
         done = 0
         while done < total:
             done += os.write(self._fd, view[done:])
@@ -485,6 +490,15 @@ def spooled_digest(path: Path) -> tuple[str, int] | None:
     if spool is None:
         return None
     return spool._digest.hexdigest(), spool._size
+
+
+def spooled_head(path: Path) -> bytes | None:
+    """The first bytes of a spooled received object (HEAD_BYTES of them, or all of a smaller one), kept on arrival."""
+    with _spool_lock:
+        spool = _spool_digests.get(str(path))
+    if spool is None:
+        return None
+    return bytes(spool._head)
 
 
 class _SpooledFileMeta:
@@ -645,7 +659,8 @@ def _patch_send_store_response(dimse: Any, evt: Any, pdu_primitives: Any, dimse_
 def split_pdvs(body: bytes | bytearray) -> list[list[Any]] | None:
     """The Presentation Data Value items of a P-DATA-TF PDU's body (PS3.8 9.3.5.1) as pynetdicom's P-DATA lists
     [context ID, message control header + fragment], or None when the items do not fill the body exactly (pynetdicom's
-    own decoder then decides what is wrong)."""
+    own decoder then decides what is wrong). The fragments are views of `body`, not copies: DIMSE copies each one
+    once, into the spool file or the message's buffer."""
     pdvs: list[list[Any]] = []
     view = memoryview(body)
     end = len(body)
@@ -656,7 +671,7 @@ def split_pdvs(body: bytes | bytearray) -> list[list[Any]] | None:
         (length,) = struct.unpack_from(">I", body, pos)
         if length < 2 or pos + 4 + length > end:
             return None
-        pdvs.append([body[pos + 4], bytes(view[pos + 5 : pos + 4 + length])])
+        pdvs.append([body[pos + 4], view[pos + 5 : pos + 4 + length]])
         pos += 4 + length
     return pdvs or None
 
@@ -713,7 +728,9 @@ def _patch_p_data(dul: Any, evt: Any, pdu_primitives: Any) -> None:
             pdvs = split_pdvs(body)
             if pdvs is not None:
                 primitive = p_data()
-                primitive.presentation_data_value_list = pdvs
+                # Set past the setter, which accepts only bytes: every reader (DIMSE's decode_msg, below) indexes
+                # the fragment and slices it, which a memoryview does without a copy.
+                primitive._presentation_data_value_list = pdvs
                 assoc.dimse.receive_primitive(primitive)  # DT-2
                 return
         try:
@@ -852,7 +869,7 @@ def _patch_store_command(config: Any, dimse_messages: Any, dimse_primitives: Any
         pdvs = getattr(primitive, "presentation_data_value_list", None)
         if assoc is not None and pdvs and type(self) is message_cls and self.encoded_command_set.tell() == 0:
             context_id, data = pdvs[0]
-            if data[0] & 3 == 3 and start_store(self, context_id, data[1:], assoc):  # the whole command at once
+            if data[0] & 3 == 3 and start_store(self, context_id, bytes(data[1:]), assoc):  # the whole command at once
                 if len(pdvs) == 1:
                     return False  # the data set follows in later PDUs
                 rest = primitive.__class__()

@@ -308,7 +308,7 @@ def _check_pixel_data_extent(fp: BinaryIO, size: int, implicit: bool, little: bo
 
 # Bytes read at once for the header parse: enough for the header of nearly every image, which pydicom then parses
 # from memory instead of issuing a system call for each of its many small reads, seeks and tells.
-_HEAD_BYTES = 64 * 1024
+HEAD_BYTES = 64 * 1024
 
 
 # File Meta Information VRs with a 4-byte length (PS3.5 7.1.2); the others have a 2-byte one.
@@ -416,15 +416,24 @@ def _deflated(fp: BinaryIO) -> bool:
         fp.seek(0)
 
 
-def read_header(path: Path, known_digest: tuple[str, int] | None = None) -> _Header:
-    """Parse a Part 10 file up to its pixel data, check it is complete, and hash it (unless hashed on arrival)."""
+def read_header(path: Path, known_digest: tuple[str, int] | None = None, known_head: bytes | None = None) -> _Header:
+    """Parse a Part 10 file up to its pixel data, check it is complete, and hash it (unless hashed on arrival).
+
+    `known_head` is the object's first bytes as received (`HEAD_BYTES` of them, or all of a smaller object), with
+    `known_digest`: a header that ends in them is parsed and checked without opening the file, unless its pixel data
+    is encapsulated (the fragments are walked in the file)."""
+    if known_digest is not None and known_head is not None and len(known_head) == min(known_digest[1], HEAD_BYTES):
+        parsed = _parse_head(known_head, known_digest[1])
+        if parsed is not None and not _encapsulated_pixels_at(*parsed):
+            ds, mem = parsed
+            return _checked_header(ds, mem, *known_digest)
     try:
         with open(path, "rb") as fp:
             if known_digest is not None and known_digest[1] == os.fstat(fp.fileno()).st_size:
                 sha256, size = known_digest
             else:
                 sha256, size = _hash_file(fp)
-            parsed = _parse_head(os.pread(fp.fileno(), _HEAD_BYTES, 0), size)
+            parsed = _parse_head(os.pread(fp.fileno(), HEAD_BYTES, 0), size)
             if parsed is not None:
                 ds, mem = parsed
                 fp.seek(mem.tell())  # on the Pixel Data element, if any, for the extent check below
@@ -441,18 +450,34 @@ def read_header(path: Path, known_digest: tuple[str, int] | None = None) -> _Hea
                     raise InvalidObject(f"not a decodable DICOM Part 10 object: {exc}") from exc
                 except Exception as exc:  # pydicom raises a variety of errors on corrupt input
                     raise InvalidObject(f"not a decodable DICOM object: {exc.__class__.__name__}: {exc}") from exc
-            file_meta = getattr(ds, "file_meta", None)
-            ts_value = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
-            if not ts_value:
-                raise InvalidObject("no Transfer Syntax UID in the File Meta Information")
-            ts = UID(str(ts_value))
-            if ts != DeflatedExplicitVRLittleEndian:
-                # The encoding pydicom actually found, which a broken file's meta may misstate.
-                implicit, little = ds.original_encoding
-                if implicit is not None and little is not None:
-                    _check_pixel_data_extent(fp, size, implicit, little)
+            return _checked_header(ds, fp, sha256, size)
     except OSError as exc:
         raise InvalidObject(f"cannot read object: {exc}") from exc
+
+
+def _encapsulated_pixels_at(ds: Dataset, mem: io.BytesIO) -> bool:
+    """Whether `mem` sits on encapsulated Pixel Data (or the encoding is unknown): the file has to be read."""
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return True
+    pos = mem.tell()
+    found = element_header(mem, implicit, little)
+    mem.seek(pos)
+    return found is not None and found[1] == UNDEFINED
+
+
+def _checked_header(ds: Dataset, fp: BinaryIO, sha256: str, size: int) -> _Header:
+    """The parsed header, once its transfer syntax is known and its pixel data (`fp` sits on it) is all there."""
+    file_meta = getattr(ds, "file_meta", None)
+    ts_value = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if not ts_value:
+        raise InvalidObject("no Transfer Syntax UID in the File Meta Information")
+    ts = UID(str(ts_value))
+    if ts != DeflatedExplicitVRLittleEndian:
+        # The encoding pydicom actually found, which a broken file's meta may misstate.
+        implicit, little = ds.original_encoding
+        if implicit is not None and little is not None:
+            _check_pixel_data_extent(fp, size, implicit, little)
     return _Header(ds=ds, transfer_syntax_uid=str(ts), sha256=sha256, size=size)
 
 
@@ -723,15 +748,17 @@ class Archive:
         expected_sop_class_uid: str | None = None,
         expected_sop_instance_uid: str | None = None,
         known_digest: tuple[str, int] | None = None,
+        known_head: bytes | None = None,
         replace_existing: bool = False,
     ) -> IngestResult:
         """Store one Part 10 file. Returns only once bytes and index row are durable; raises IngestError.
 
-        `known_digest` is the (SHA-256, size) computed while the object was received, if it was.
+        `known_digest` is the (SHA-256, size) computed while the object was received, if it was; `known_head` its
+        first bytes as received (see `read_header`).
         `replace_existing` serves this object instead of a different one stored under its SOP Instance UID, whatever
         the duplicate policy (attribute corrections); the earlier copy is kept aside, as always.
         """
-        header = read_header(path, known_digest)
+        header = read_header(path, known_digest, known_head)
         ds = header.ds
         sop_class = _check_uid(ds, "SOPClassUID")
         sop_instance = _check_uid(ds, "SOPInstanceUID")

@@ -139,11 +139,11 @@ def test_header_parsed_from_bytes_equals_dcmread() -> None:
     from pydicom import dcmread
     from pydicom.dataelem import RawDataElement
 
-    from storage.ingest import _HEAD_BYTES, _parse_head_fast
+    from storage.ingest import HEAD_BYTES, _parse_head_fast
 
     fast_files = fallback_files = 0
     for path in _corpus():
-        head = path.read_bytes()[:_HEAD_BYTES]
+        head = path.read_bytes()[:HEAD_BYTES]
         try:
             ref_mem = io.BytesIO(head)
             ref = dcmread(ref_mem, stop_before_pixels=True, defer_size="1 MB")
@@ -174,3 +174,54 @@ def test_header_parsed_from_bytes_equals_dcmread() -> None:
             assert ds.file_meta[element.tag].value == element.value, (path, element.tag)
             assert ds.file_meta[element.tag].VR == element.VR, (path, element.tag)
     assert fast_files > 120 and fallback_files > 5, (fast_files, fallback_files)
+
+
+def test_header_from_received_bytes_equals_header_from_file(tmp_path: Path) -> None:
+    """The DIMSE receiver keeps each object's first bytes and its digest; ingest then checks the header without
+    opening the file. For every corpus file, and for truncated copies of an image and of a small object, the
+    result is the file path's: the same elements, transfer syntax, digest and size, or the same refusal."""
+    import hashlib
+
+    from storage.ingest import HEAD_BYTES, IngestError, read_header
+
+    big = write_ct(tmp_path, index=1, size=256)  # 128 KB of pixel data: its header ends within HEAD_BYTES
+    data = big.read_bytes()
+    cases = [*_corpus(), big]
+    for cut, name in ((len(data) - 1000, "cut-pixels.dcm"), (HEAD_BYTES - 10, "cut-head.dcm"), (700, "cut-tiny.dcm")):
+        (tmp_path / name).write_bytes(data[:cut])
+        cases.append(tmp_path / name)
+    from_head = 0
+    for path in cases:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest(), len(data)
+        try:
+            expected = read_header(path, digest)
+        except IngestError as exc:
+            expected_error: str | None = exc.message
+        else:
+            expected_error = None
+        missing = tmp_path / "not-there.dcm"  # the head path must not need the file
+        try:
+            got = read_header(missing, digest, data[:HEAD_BYTES])
+        except IngestError as exc:
+            if "cannot read object" not in exc.message:
+                assert exc.message == expected_error, path
+                from_head += 1
+            continue  # needed the file: encapsulated pixels or a header beyond the head
+        assert expected_error is None, path
+        from_head += 1
+        assert got.ds._dict.keys() == expected.ds._dict.keys(), path
+        assert (got.transfer_syntax_uid, got.sha256, got.size) == (
+            expected.transfer_syntax_uid,
+            expected.sha256,
+            expected.size,
+        ), path
+    assert from_head > 100, from_head
+    with_pixels_cut = tmp_path / "cut-pixels.dcm"
+    data = with_pixels_cut.read_bytes()
+    try:
+        read_header(tmp_path / "not-there.dcm", (hashlib.sha256(data).hexdigest(), len(data)), data[:HEAD_BYTES])
+    except IngestError as exc:
+        assert "truncated Pixel Data" in exc.message
+    else:
+        raise AssertionError("a truncated image was accepted")

@@ -222,8 +222,11 @@ def test_pdvs_split_as_pynetdicom_decodes_them() -> None:
         + struct.pack(">IB", 10, 3) + b"\x00efghijkl"
         + struct.pack(">IB", 3, 5) + b"\x02z"
     )  # fmt: skip
-    body = pdu.encode()[6:]
-    assert netio.split_pdvs(body) == [list(pdv) for pdv in pdu.to_primitive().presentation_data_value_list]
+    body = bytearray(pdu.encode()[6:])  # as the receiver reads it
+    pdvs = netio.split_pdvs(body)
+    assert pdvs == [list(pdv) for pdv in pdu.to_primitive().presentation_data_value_list]
+    # The fragments are views of the PDU as read, not copies of it.
+    assert all(isinstance(data, memoryview) and data.obj is body for _, data in pdvs)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ pynetdicom keeps its stock behaviour.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import hashlib
 import io
@@ -398,27 +397,6 @@ _start_writeback = _sync_file_range()
 _WRITEBACK_CHUNK = 256 * 1024
 
 
-_sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _syncer() -> concurrent.futures.ThreadPoolExecutor:
-    global _sync_pool
-    if _sync_pool is None:
-        with _spool_lock:
-            if _sync_pool is None:
-                _sync_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="spool-sync")
-    return _sync_pool
-
-
-def _sync_and_close(fd: int) -> None:
-    try:
-        os.fdatasync(fd)
-    except OSError:
-        pass  # advisory: the blob store's fsync is the one that counts
-    finally:
-        os.close(fd)
-
-
 class _Spool:
     """Stands in for the temporary file pynetdicom spools a received C-STORE dataset to.
 
@@ -466,14 +444,13 @@ class _Spool:
         return None
 
     def flush_to_disk_soon(self) -> None:
-        """The last fragment is in: make the bytes durable in a background thread (its own descriptor, as the
-        spool may be closed first) while the association thread parses the header and builds the index row.
-        The blob store's own fsync before the acknowledgement stays; it then finds only the rename to commit."""
-        try:
-            fd = os.dup(self._fd)
-        except OSError:
-            return
-        _syncer().submit(_sync_and_close, fd)
+        """The last fragment is in: start writing back what is not yet on its way to the disk, without waiting.
+        The blob store's fsync before the acknowledgement then finds the bytes written or nearly so. (An fdatasync
+        here, in a background thread, cost a device cache flush of its own: 4.1 flushes per object instead of 3.1,
+        measured from /proc/diskstats, and was no faster.)"""
+        if _start_writeback is not None and self._size > self._written_back and not self._closed:
+            _start_writeback(self._fd, self._written_back, self._size - self._written_back)
+            self._written_back = self._size
 
     def close(self) -> None:
         with _spool_lock:

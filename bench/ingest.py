@@ -5,7 +5,7 @@ associations to each target, verifies every instance arrived (a run that lost
 data is reported as failed, not timed) and writes bench/results/ingest.md.
 Optionally pushes one ~1 GB multi-frame instance to measure the server's peak RSS.
 
-    python -m bench.ingest                       # full run (10 × 2 × 100 slices)
+    python -m bench.ingest                       # full run (10 × 2 × 100 slices, 3 rounds)
     python -m bench.ingest --studies 1 --slices 20 --targets orthanc,storescp --skip-large
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from rich.console import Console
@@ -91,6 +92,7 @@ class Result:
     error: str | None = None
     ratio_orthanc: float | None = None
     ratio_storescp: float | None = None
+    spread: tuple[float, float] | None = None  # slowest and fastest run's seconds, when there were several
 
     @property
     def ok(self) -> bool:
@@ -456,6 +458,20 @@ def run_one(
     return result
 
 
+def median_result(runs: list[Result]) -> Result:
+    """One row from a target's runs in one mode: the median run (the slower middle one of an even count), its
+    peak RSS the highest seen; any failed run fails the row, since a run that lost data is never averaged away."""
+    failed = next((r for r in runs if not r.ok), None)
+    if failed is not None:
+        return failed
+    ordered = sorted(runs, key=lambda r: cast(float, r.seconds))
+    row = dataclasses.replace(ordered[len(ordered) // 2])
+    row.peak_rss = max((r.peak_rss for r in runs if r.peak_rss), default=None)
+    if len(runs) > 1:
+        row.spread = (cast(float, ordered[-1].seconds), cast(float, ordered[0].seconds))
+    return row
+
+
 def add_ratios(results: list[Result]) -> None:
     """Throughput relative to Orthanc and to the storescp limit in the same mode."""
     by_key = {(r.target, r.mode): r for r in results}
@@ -478,6 +494,7 @@ COLUMNS = (
     "vs Orthanc",
     "vs storescp",
     "Peak RSS MB",
+    "Range",
     "Status",
 )
 
@@ -487,6 +504,10 @@ def _row(r: Result) -> list[str]:
         return "–" if v is None else format(v, fmt)
 
     per_instance = r.mode != LARGE_MODE  # instances/s of a single instance says nothing
+    spread = "–"
+    if r.spread is not None:  # the range of the runs, in the unit the row is read in
+        slow, fast = (r.instances / t if per_instance else r.nbytes / 1e6 / t for t in r.spread)
+        spread = f"{slow:.0f}–{fast:.0f}"
     return [
         r.target,
         r.mode,
@@ -497,6 +518,7 @@ def _row(r: Result) -> list[str]:
         num(r.ratio_orthanc, ".2f"),
         num(r.ratio_storescp, ".2f"),
         num(r.peak_rss / 1e6 if r.peak_rss else None, ".0f"),
+        spread,
         "ok" if r.ok else f"FAILED: {r.error}",
     ]
 
@@ -534,6 +556,9 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
         "- Every target is started fresh per run, on a quiet disk (sync before the push), and audited afterwards",
         "  (vnpacs: IMAGE-level C-FIND of every series; Orthanc: /statistics CountInstances); a run that lost data",
         "  is FAILED and not timed.",
+        f"- {args.rounds} round(s): each round runs every target in every mode once, so the host's changes of speed",
+        "  fall on all targets alike. A row is the median run; Range is the slowest and fastest run (inst/s, or MB/s",
+        "  for the multi-frame); ratios are between medians.",
         "- vnpacs runs its default of one DIMSE process per core (VNPACS_DIMSE_PROCESSES=0; here 2).",
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
         "",
@@ -587,6 +612,13 @@ def add_dataset_args(
     p.add_argument("--seed", type=int, default=0)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.ingest",
@@ -596,6 +628,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_dataset_args(p, slices=100)
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list from {','.join(TARGETS)}")
     p.add_argument("--assocs", default="1,4", help="comma list of parallel association counts")
+    p.add_argument("--rounds", type=positive_int, default=3, help="runs of every target and mode (median reported)")
     p.add_argument("--skip-large", action="store_true", help="skip the ~1 GB multi-frame peak-RSS run")
     p.add_argument("--large-mb", type=int, default=1000, help="size of the multi-frame instance in MB")
     p.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".cache")
@@ -634,22 +667,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     large = None if args.skip_large else prepare_large(args.cache_dir, args.large_mb, console)
     if large is not None:
         sets.append(large)
-    warm_page_cache(ct.files)
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="vnpacs-bench-")) if own_workdir else args.workdir
-    results: list[Result] = []
+    runs: dict[tuple[str, str], list[Result]] = {}
     try:
-        for name in args.target_list:
-            for assocs in args.assoc_list:
-                mode = f"{assocs} assoc"
-                results.append(run_one(name, mode, assocs, ct, workdir / f"{name}-{assocs}", args, console))
-        if large is not None:
-            warm_page_cache(large.files)
+        for round_no in range(1, args.rounds + 1):
+            console.print(f"[bold]round {round_no} of {args.rounds}[/bold]")
+            warm_page_cache(ct.files)
             for name in args.target_list:
-                results.append(run_one(name, LARGE_MODE, 1, large, workdir / f"{name}-large", args, console))
+                for assocs in args.assoc_list:
+                    mode = f"{assocs} assoc"
+                    where = workdir / f"{name}-{assocs}-{round_no}"
+                    runs.setdefault((name, mode), []).append(run_one(name, mode, assocs, ct, where, args, console))
+            if large is not None:
+                warm_page_cache(large.files)
+                for name in args.target_list:
+                    where = workdir / f"{name}-large-{round_no}"
+                    runs.setdefault((name, LARGE_MODE), []).append(
+                        run_one(name, LARGE_MODE, 1, large, where, args, console)
+                    )
     finally:
         if own_workdir and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    results = [median_result(r) for r in runs.values()]
     add_ratios(results)
     console.print(rich_table(results, f"Ingest: {ct.description}"))
     args.output.parent.mkdir(parents=True, exist_ok=True)

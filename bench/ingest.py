@@ -93,6 +93,7 @@ class Result:
     ratio_orthanc: float | None = None
     ratio_storescp: float | None = None
     spread: tuple[float, float] | None = None  # slowest and fastest run's seconds, when there were several
+    cpu_seconds: float | None = None  # user + system CPU of the server's processes during the push
 
     @property
     def ok(self) -> bool:
@@ -425,6 +426,8 @@ def run_one(
             # Every target starts on a quiet disk: without this, the previous run's unflushed writes (a server
             # that does not fsync leaves up to a GB dirty) are written back during the next target's run.
             os.sync()
+            pid = target.service.proc.pid if target.rss and target.service.proc is not None else None
+            cpu_before = process_tree_cpu(pid) if pid is not None else 0.0
             seconds, error = push(
                 bench.files,
                 port=target.port,
@@ -433,6 +436,8 @@ def run_one(
                 assocs=assocs,
                 timeout=args.push_timeout,
             )
+            if pid is not None:
+                result.cpu_seconds = process_tree_cpu(pid) - cpu_before
             error = error or verify(target, bench, args.verify_timeout)
             if target.rss:
                 with contextlib.suppress(Exception):
@@ -472,6 +477,25 @@ def median_result(runs: list[Result]) -> Result:
     return row
 
 
+def process_tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a live process and of its live descendants, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return total
+
+
 def add_ratios(results: list[Result]) -> None:
     """Throughput relative to Orthanc and to the storescp limit in the same mode."""
     by_key = {(r.target, r.mode): r for r in results}
@@ -494,6 +518,7 @@ COLUMNS = (
     "vs Orthanc",
     "vs storescp",
     "Peak RSS MB",
+    "CPU ms/inst",
     "Range",
     "Status",
 )
@@ -518,6 +543,7 @@ def _row(r: Result) -> list[str]:
         num(r.ratio_orthanc, ".2f"),
         num(r.ratio_storescp, ".2f"),
         num(r.peak_rss / 1e6 if r.peak_rss else None, ".0f"),
+        num(1000 * r.cpu_seconds / r.instances if r.cpu_seconds is not None and per_instance else None, ".2f"),
         spread,
         "ok" if r.ok else f"FAILED: {r.error}",
     ]
@@ -561,6 +587,8 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
         "  for the multi-frame); ratios are between medians.",
         "- vnpacs runs its default of one DIMSE process per core (VNPACS_DIMSE_PROCESSES=0; here 2).",
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
+        "- CPU ms/inst: user + system CPU of the server's processes (vnpacs: with its DIMSE workers) during the",
+        "  push, from /proc, per instance; the clients' and the kernel's other work is not in it.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if c in ("Target", "Mode", "Status") else "---:" for c in COLUMNS) + "|",

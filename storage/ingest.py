@@ -37,6 +37,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     PrivateTransferSyntaxes,
 )
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32
 from pydicom.values import TEXT_VR_DELIMS
 from sqlalchemy import Connection, Engine, delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -311,12 +312,9 @@ def _check_pixel_data_extent(fp: BinaryIO, size: int, implicit: bool, little: bo
 HEAD_BYTES = 64 * 1024
 
 
-# File Meta Information VRs with a 4-byte length (PS3.5 7.1.2); the others have a 2-byte one.
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_SHORT_VRS = frozenset(
-    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS",
-     b"ST", b"TM", b"UI", b"UL", b"US"}
-)  # fmt: skip
+# Explicit VRs with a 4-byte length and with a 2-byte one (PS3.5 7.1.2), as pydicom's reader tells them apart.
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+_SHORT_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_16)
 _ENCODINGS: dict[str, tuple[bool, bool]] = {ImplicitVRLittleEndian: (True, True), ExplicitVRBigEndian: (False, False)}
 
 
@@ -354,7 +352,7 @@ def _file_meta(head: bytes) -> tuple[FileMetaDataset, int] | None:
     return FileMetaDataset(elements), pos
 
 
-_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data
+_PIXEL_DATA_TAGS = frozenset(group << 16 | elem for group, elem in PIXEL_TAGS)
 
 
 def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:

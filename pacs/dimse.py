@@ -305,6 +305,7 @@ class DimseServer:
                 f"SOP Class {req.AffectedSOPClassUID} sent on a context for {negotiated}",
             )
         path = event.dataset_path
+        spooled = netio.spooled(path)
         try:
             result = self.archive.ingest_file(
                 path,
@@ -313,8 +314,8 @@ class DimseServer:
                 adopt=True,
                 expected_sop_class_uid=str(req.AffectedSOPClassUID),
                 expected_sop_instance_uid=str(req.AffectedSOPInstanceUID),
-                known_digest=netio.spooled_digest(path),
-                known_head=netio.spooled_head(path),
+                known_digest=(spooled.sha256, spooled.size) if spooled else None,
+                known_head=spooled.head if spooled else None,
             )
         except SOPClassMismatch as exc:
             return _status(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, exc.message)

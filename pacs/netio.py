@@ -28,7 +28,7 @@ import threading
 import time as _time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
@@ -460,22 +460,21 @@ class _Spool:
             os.close(self._fd)
 
 
-def spooled_digest(path: Path) -> tuple[str, int] | None:
-    """(SHA-256 hex, size) of a spooled received object, if it was hashed on arrival."""
+class Spooled(NamedTuple):
+    """What the spool learnt of a received object while it arrived."""
+
+    sha256: str
+    size: int
+    head: bytes  # the first HEAD_BYTES (or all of a smaller object)
+
+
+def spooled(path: Path) -> Spooled | None:
+    """The SHA-256, size and first bytes of a spooled received object, if it was spooled here."""
     with _spool_lock:
         spool = _spool_digests.get(str(path))
     if spool is None:
         return None
-    return spool._digest.hexdigest(), spool._size
-
-
-def spooled_head(path: Path) -> bytes | None:
-    """The first bytes of a spooled received object (HEAD_BYTES of them, or all of a smaller one), kept on arrival."""
-    with _spool_lock:
-        spool = _spool_digests.get(str(path))
-    if spool is None:
-        return None
-    return bytes(spool._head)
+    return Spooled(spool._digest.hexdigest(), spool._size, bytes(spool._head))
 
 
 class _SpooledFileMeta:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, BinaryIO, Literal, cast
 
 from pydicom import dcmread
@@ -276,12 +277,16 @@ def _hash_file(fp: BinaryIO) -> tuple[str, int]:
     return digest.hexdigest(), fp.tell()
 
 
-def _check_pixel_data_extent(fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
+def _check_pixel_data_extent(
+    fp: BinaryIO, size: int, implicit: bool, little: bool, found: tuple[int, int] | None | EllipsisType = ...
+) -> None:
     """After a header-only read, fp sits on the Pixel Data element (if any): check its bytes are all there.
 
     Header-only parsing never touches pixel data, so this is what catches a truncated image without loading it.
+    `found` is the element's (value offset, length) when the caller has already read it (None: no pixel data).
     """
-    found = element_header(fp, implicit, little)
+    if found is ...:
+        found = element_header(fp, implicit, little)
     if found is None:
         return
     value_start, length = found
@@ -422,9 +427,11 @@ def read_header(path: Path, known_digest: tuple[str, int] | None = None, known_h
     is encapsulated (the fragments are walked in the file)."""
     if known_digest is not None and known_head is not None and len(known_head) == min(known_digest[1], HEAD_BYTES):
         parsed = _parse_head(known_head, known_digest[1])
-        if parsed is not None and not _encapsulated_pixels_at(*parsed):
+        if parsed is not None:
             ds, mem = parsed
-            return _checked_header(ds, mem, *known_digest)
+            pixels = _native_pixels_at(ds, mem)
+            if pixels is not ...:
+                return _checked_header(ds, mem, *known_digest, pixel_element=pixels)
     try:
         with open(path, "rb") as fp:
             if known_digest is not None and known_digest[1] == os.fstat(fp.fileno()).st_size:
@@ -453,19 +460,27 @@ def read_header(path: Path, known_digest: tuple[str, int] | None = None, known_h
         raise InvalidObject(f"cannot read object: {exc}") from exc
 
 
-def _encapsulated_pixels_at(ds: Dataset, mem: io.BytesIO) -> bool:
-    """Whether `mem` sits on encapsulated Pixel Data (or the encoding is unknown): the file has to be read."""
+def _native_pixels_at(ds: Dataset, mem: io.BytesIO) -> tuple[int, int] | None | EllipsisType:
+    """The Pixel Data element `mem` sits on, as (value offset, length), or None if there is none; `...` when it is
+    encapsulated (or the encoding is unknown), which means the file has to be read to walk the fragments."""
     implicit, little = ds.original_encoding
     if implicit is None or little is None:
-        return True
-    pos = mem.tell()
+        return ...
     found = element_header(mem, implicit, little)
-    mem.seek(pos)
-    return found is not None and found[1] == UNDEFINED
+    if found is not None and found[1] == UNDEFINED:
+        return ...
+    return found
 
 
-def _checked_header(ds: Dataset, fp: BinaryIO, sha256: str, size: int) -> _Header:
-    """The parsed header, once its transfer syntax is known and its pixel data (`fp` sits on it) is all there."""
+def _checked_header(
+    ds: Dataset,
+    fp: BinaryIO,
+    sha256: str,
+    size: int,
+    pixel_element: tuple[int, int] | None | EllipsisType = ...,
+) -> _Header:
+    """The parsed header, once its transfer syntax is known and its pixel data (`fp` sits on it, or `pixel_element`
+    says where it is) is all there."""
     file_meta = getattr(ds, "file_meta", None)
     ts_value = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if not ts_value:
@@ -475,7 +490,7 @@ def _checked_header(ds: Dataset, fp: BinaryIO, sha256: str, size: int) -> _Heade
         # The encoding pydicom actually found, which a broken file's meta may misstate.
         implicit, little = ds.original_encoding
         if implicit is not None and little is not None:
-            _check_pixel_data_extent(fp, size, implicit, little)
+            _check_pixel_data_extent(fp, size, implicit, little, pixel_element)
     return _Header(ds=ds, transfer_syntax_uid=str(ts), sha256=sha256, size=size)
 
 

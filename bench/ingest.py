@@ -50,11 +50,21 @@ from tests.services import (
 BENCH_DIR = Path(__file__).resolve().parent
 STORESCU = "/usr/bin/storescu"  # DCMTK, not pynetdicom's storescu in the venv
 TARGETS = ("storescp", "orthanc", "vnpacs-fs", "vnpacs-s3")
+# Not run by default: the two mixed configurations, which tell how much of the S3+PostgreSQL time is whose.
+EXTRA_TARGETS = ("vnpacs-fs-pg", "vnpacs-s3-sqlite")
 TARGET_LABELS = {
     "storescp": "storescp --ignore",
     "orthanc": "Orthanc",
     "vnpacs-fs": "vnpacs fs+SQLite",
     "vnpacs-s3": "vnpacs S3+PostgreSQL",
+    "vnpacs-fs-pg": "vnpacs fs+PostgreSQL",
+    "vnpacs-s3-sqlite": "vnpacs S3+SQLite",
+}
+_VNPACS_CONFIGS = {  # target → (S3 blobs, PostgreSQL index)
+    "vnpacs-fs": (False, False),
+    "vnpacs-s3": (True, True),
+    "vnpacs-fs-pg": (False, True),
+    "vnpacs-s3-sqlite": (True, False),
 }
 S3_BUCKET = "vnpacs-bench"
 LARGE_MODE = "multi-frame"
@@ -386,20 +396,22 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Iterator
         elif name == "orthanc":
             orthanc = stack.enter_context(start_orthanc(workdir))
             yield Target(orthanc, orthanc.dicom_port, orthanc.aet, lambda b: orthanc.count_instances())
-        elif name in ("vnpacs-fs", "vnpacs-s3"):
+        elif name in _VNPACS_CONFIGS:
             # The product default (a DIMSE process per core), not the single process the tests start with.
             env = {"VNPACS_DIMSE_PROCESSES": "0", **dict(kv.split("=", 1) for kv in args.vnpacs_env)}
-            if name == "vnpacs-s3":
+            on_s3, on_pg = _VNPACS_CONFIGS[name]
+            if on_s3:
                 s3 = stack.enter_context(start_weed(workdir / "weed"))
                 s3.make_bucket(S3_BUCKET)
-                ensure_postgres_running()
-                db = stack.enter_context(create_pg_database("vnpacs_bench"))
                 env.update(
-                    VNPACS_DATABASE_URL=db.url,
                     VNPACS_STORAGE_URL=s3.url(S3_BUCKET),
                     VNPACS_S3_ACCESS_KEY=s3.access_key,
                     VNPACS_S3_SECRET_KEY=s3.secret_key,
                 )
+            if on_pg:
+                ensure_postgres_running()
+                db = stack.enter_context(create_pg_database("vnpacs_bench"))
+                env.update(VNPACS_DATABASE_URL=db.url)
             srv = stack.enter_context(start_vnpacs(env, workdir / "vnpacs"))
             yield Target(
                 srv,
@@ -654,7 +666,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_dataset_args(p, slices=100)
-    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list from {','.join(TARGETS)}")
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list from {','.join(TARGETS + EXTRA_TARGETS)}")
     p.add_argument("--assocs", default="1,4", help="comma list of parallel association counts")
     p.add_argument("--rounds", type=positive_int, default=3, help="runs of every target and mode (median reported)")
     p.add_argument("--skip-large", action="store_true", help="skip the ~1 GB multi-frame peak-RSS run")
@@ -675,7 +687,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--verify-timeout", type=float, default=60.0)
     args = p.parse_args(argv)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.target_list) - set(TARGETS)
+    unknown = set(args.target_list) - set(TARGETS + EXTRA_TARGETS)
     if unknown:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
     args.assoc_list = [int(a) for a in args.assocs.split(",") if a.strip()]

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pacs.synthetic import generate_ct_studies, make_multiframe
+from storage.blobstore import S3BlobStore
 from tests.services import (
     MAX_PDU,
     Service,
@@ -49,11 +51,12 @@ from tests.services import (
 
 BENCH_DIR = Path(__file__).resolve().parent
 STORESCU = "/usr/bin/storescu"  # DCMTK, not pynetdicom's storescu in the venv
-TARGETS = ("storescp", "orthanc", "vnpacs-fs", "vnpacs-s3")
+TARGETS = ("storescp", "s3-put", "orthanc", "vnpacs-fs", "vnpacs-s3")
 # Not run by default: the two mixed configurations, which tell how much of the S3+PostgreSQL time is whose.
 EXTRA_TARGETS = ("vnpacs-fs-pg", "vnpacs-s3-sqlite")
 TARGET_LABELS = {
     "storescp": "storescp --ignore",
+    "s3-put": "S3 PUT alone (weed)",
     "orthanc": "Orthanc",
     "vnpacs-fs": "vnpacs fs+SQLite",
     "vnpacs-s3": "vnpacs S3+PostgreSQL",
@@ -128,6 +131,8 @@ class Target:
     count: Callable[[BenchSet], int] | None  # instances of the set now stored; None = cannot tell
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     rss: bool = True
+    # Sends the files itself instead of storescu: (files, parallel senders) -> (wall seconds, error or None).
+    send: Callable[[Sequence[Path], int], tuple[float, str | None]] | None = None
 
 
 # --------------------------------------------------------------------------- data set
@@ -284,6 +289,29 @@ def push(
             log.unlink(missing_ok=True)
 
 
+def put_files(store: S3BlobStore, files: Sequence[Path], senders: int) -> tuple[float, str | None]:
+    """Upload `files` to the S3 store as vnpacs does (its S3BlobStore.put_file), from `senders` threads each taking
+    an equal contiguous group, as the storescu processes do: what the S3 server alone allows, with no DICOM."""
+    size = -(-len(files) // senders)
+    groups = [files[i : i + size] for i in range(0, len(files), size)]
+    errors: list[str] = []
+
+    def send(offset: int, group: Sequence[Path]) -> None:
+        try:
+            for i, path in enumerate(group, offset):
+                store.put_file(f"bench/{i:06d}.dcm", path, path.stat().st_size)
+        except Exception as exc:  # reported as the run's error, as a failed storescu is
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=send, args=(i * size, g)) for i, g in enumerate(groups)]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - t0, errors[0] if errors else None
+
+
 @contextlib.contextmanager
 def _find_association(port: int, aet: str, calling_aet: str) -> Iterator[Any]:
     """A Study Root C-FIND association to the server, released on exit."""
@@ -393,6 +421,13 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Iterator
         if name == "storescp":
             scp = stack.enter_context(start_storescp_ignore(log_path=workdir / "storescp.log"))
             yield Target(scp, scp.port, scp.ae_title, None, rss=False)
+        elif name == "s3-put":
+            s3 = stack.enter_context(start_weed(workdir / "weed"))
+            s3.make_bucket(S3_BUCKET)
+            store = S3BlobStore(s3.url(S3_BUCKET), s3.access_key, s3.secret_key, tmp_dir=workdir / "tmp")
+            yield Target(
+                s3, 0, "", lambda b: sum(1 for _ in store.iter_keys()), send=lambda f, n: put_files(store, f, n)
+            )
         elif name == "orthanc":
             orthanc = stack.enter_context(start_orthanc(workdir))
             yield Target(orthanc, orthanc.dicom_port, orthanc.aet, lambda b: orthanc.count_instances())
@@ -440,14 +475,17 @@ def run_one(
             os.sync()
             pid = target.service.proc.pid if target.rss and target.service.proc is not None else None
             cpu_before = process_tree_cpu(pid) if pid is not None else 0.0
-            seconds, error = push(
-                bench.files,
-                port=target.port,
-                aet=target.aet,
-                calling_aet=args.calling_aet,
-                assocs=assocs,
-                timeout=args.push_timeout,
-            )
+            if target.send is not None:
+                seconds, error = target.send(bench.files, assocs)
+            else:
+                seconds, error = push(
+                    bench.files,
+                    port=target.port,
+                    aet=target.aet,
+                    calling_aet=args.calling_aet,
+                    assocs=assocs,
+                    timeout=args.push_timeout,
+                )
             if pid is not None:
                 result.cpu_seconds = process_tree_cpu(pid) - cpu_before
             error = error or verify(target, bench, args.verify_timeout)
@@ -597,6 +635,9 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
         f"- {args.rounds} round(s): each round runs every target in every mode once, so the host's changes of speed",
         "  fall on all targets alike. A row is the median run; Range is the slowest and fastest run (inst/s, or MB/s",
         "  for the multi-frame); ratios are between medians.",
+        "- S3 PUT alone: the same files uploaded to a fresh SeaweedFS (`weed mini`, as the S3 configuration uses) by",
+        "  vnpacs's own S3 client code from 1 or 4 threads, without DICOM: the S3 server's limit, as storescp's is the",
+        "  network's. Its CPU ms/inst is the S3 server's. Audited by listing the bucket.",
         "- vnpacs runs its default of one DIMSE process per core (VNPACS_DIMSE_PROCESSES=0; here 2).",
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
         "- CPU ms/inst: user + system CPU of the server's processes (vnpacs: with its DIMSE workers) during the",

@@ -225,6 +225,12 @@ def warm_page_cache(files: Sequence[Path]) -> None:
 # --------------------------------------------------------------------------- pushing and auditing
 
 
+def split_files(files: Sequence[Path], senders: int) -> list[Sequence[Path]]:
+    """`files` in at most `senders` equal contiguous groups, one per parallel sender."""
+    size = -(-len(files) // senders)
+    return [files[i : i + size] for i in range(0, len(files), size)]
+
+
 def push(
     files: Sequence[Path], *, port: int, aet: str, calling_aet: str, assocs: int, timeout: float
 ) -> tuple[float, str | None]:
@@ -235,8 +241,7 @@ def push(
     """
     if any('"' in str(f) for f in files):
         raise ValueError('storescu command files cannot quote a path containing "')
-    size = -(-len(files) // assocs)
-    groups = [files[i : i + size] for i in range(0, len(files), size)]
+    groups = split_files(files, assocs)
     env = dict(os.environ, TCP_NODELAY="1")
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
@@ -292,8 +297,7 @@ def push(
 def put_files(store: S3BlobStore, files: Sequence[Path], senders: int) -> tuple[float, str | None]:
     """Upload `files` to the S3 store as vnpacs does (its S3BlobStore.put_file), from `senders` threads each taking
     an equal contiguous group, as the storescu processes do: what the S3 server alone allows, with no DICOM."""
-    size = -(-len(files) // senders)
-    groups = [files[i : i + size] for i in range(0, len(files), size)]
+    groups = split_files(files, senders)
     errors: list[str] = []
 
     def send(offset: int, group: Sequence[Path]) -> None:
@@ -303,7 +307,8 @@ def put_files(store: S3BlobStore, files: Sequence[Path], senders: int) -> tuple[
         except Exception as exc:  # reported as the run's error, as a failed storescu is
             errors.append(f"{type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=send, args=(i * size, g)) for i, g in enumerate(groups)]
+    starts = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
+    threads = [threading.Thread(target=send, args=(start, g)) for start, g in zip(starts, groups, strict=True)]
     t0 = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -637,7 +642,7 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
         "  for the multi-frame); ratios are between medians.",
         "- S3 PUT alone: the same files uploaded to a fresh SeaweedFS (`weed mini`, as the S3 configuration uses) by",
         "  vnpacs's own S3 client code from 1 or 4 threads, without DICOM: the S3 server's limit, as storescp's is the",
-        "  network's. Its CPU ms/inst is the S3 server's. Audited by listing the bucket.",
+        "  network's. Its CPU ms/inst and peak RSS are the S3 server's. Audited by listing the bucket.",
         "- vnpacs runs its default of one DIMSE process per core (VNPACS_DIMSE_PROCESSES=0; here 2).",
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
         "- CPU ms/inst: user + system CPU of the server's processes (vnpacs: with its DIMSE workers) during the",

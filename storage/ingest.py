@@ -20,7 +20,6 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import EllipsisType
 from typing import Any, BinaryIO, Literal, cast
 
 from pydicom import dcmread
@@ -277,19 +276,11 @@ def _hash_file(fp: BinaryIO) -> tuple[str, int]:
     return digest.hexdigest(), fp.tell()
 
 
-def _check_pixel_data_extent(
-    fp: BinaryIO, size: int, implicit: bool, little: bool, found: tuple[int, int] | None | EllipsisType = ...
-) -> None:
-    """After a header-only read, fp sits on the Pixel Data element (if any): check its bytes are all there.
-
-    Header-only parsing never touches pixel data, so this is what catches a truncated image without loading it.
-    `found` is the element's (value offset, length) when the caller has already read it (None: no pixel data).
-    """
-    if found is ...:
-        found = element_header(fp, implicit, little)
-    if found is None:
-        return
-    value_start, length = found
+def _check_pixel_data_extent(fp: BinaryIO, size: int, little: bool, element: tuple[int, int]) -> None:
+    """Check that the bytes of the Pixel Data element, whose (value offset, length) a header-only read found, are all
+    there. Header-only parsing never touches pixel data, so this is what catches a truncated image without loading
+    it. Encapsulated pixel data (undefined length) is walked in `fp`, item by item, without reading the items."""
+    value_start, length = element
     endian = "<" if little else ">"
     if length != UNDEFINED:
         if value_start + length > size:
@@ -429,9 +420,9 @@ def read_header(path: Path, known_digest: tuple[str, int] | None = None, known_h
         parsed = _parse_head(known_head, known_digest[1])
         if parsed is not None:
             ds, mem = parsed
-            pixels = _native_pixels_at(ds, mem)
-            if pixels is not ...:
-                return _checked_header(ds, mem, *known_digest, pixel_element=pixels)
+            element = _pixel_element(ds, mem)
+            if element is None or element[1] != UNDEFINED:  # encapsulated: its fragments are walked in the file
+                return _checked_header(ds, mem, *known_digest, element)
     try:
         with open(path, "rb") as fp:
             if known_digest is not None and known_digest[1] == os.fstat(fp.fileno()).st_size:
@@ -455,43 +446,34 @@ def read_header(path: Path, known_digest: tuple[str, int] | None = None, known_h
                     raise InvalidObject(f"not a decodable DICOM Part 10 object: {exc}") from exc
                 except Exception as exc:  # pydicom raises a variety of errors on corrupt input
                     raise InvalidObject(f"not a decodable DICOM object: {exc.__class__.__name__}: {exc}") from exc
-            return _checked_header(ds, fp, sha256, size)
+            return _checked_header(ds, fp, sha256, size, _pixel_element(ds, fp))
     except OSError as exc:
         raise InvalidObject(f"cannot read object: {exc}") from exc
 
 
-def _native_pixels_at(ds: Dataset, mem: io.BytesIO) -> tuple[int, int] | None | EllipsisType:
-    """The Pixel Data element `mem` sits on, as (value offset, length), or None if there is none; `...` when it is
-    encapsulated (or the encoding is unknown), which means the file has to be read to walk the fragments."""
+def _pixel_element(ds: Dataset, fp: BinaryIO) -> tuple[int, int] | None:
+    """The Pixel Data element `fp` sits on after a header-only parse of `ds`, as (value offset, length; UNDEFINED
+    when encapsulated), read in the encoding pydicom found (which a broken file's meta may misstate). None when
+    there is none, and when its bytes cannot be told: an encoding pydicom could not determine, or a deflated object,
+    whose bytes in `fp` are compressed (the inflating parse read them all)."""
     implicit, little = ds.original_encoding
-    if implicit is None or little is None:
-        return ...
-    found = element_header(mem, implicit, little)
-    if found is not None and found[1] == UNDEFINED:
-        return ...
-    return found
+    file_meta = getattr(ds, "file_meta", None)
+    deflated = file_meta is not None and file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    if implicit is None or little is None or deflated:
+        return None
+    return element_header(fp, implicit, little)
 
 
-def _checked_header(
-    ds: Dataset,
-    fp: BinaryIO,
-    sha256: str,
-    size: int,
-    pixel_element: tuple[int, int] | None | EllipsisType = ...,
-) -> _Header:
-    """The parsed header, once its transfer syntax is known and its pixel data (`fp` sits on it, or `pixel_element`
-    says where it is) is all there."""
+def _checked_header(ds: Dataset, fp: BinaryIO, sha256: str, size: int, element: tuple[int, int] | None) -> _Header:
+    """The parsed header, once its transfer syntax is known and its Pixel Data `element` (see `_pixel_element`; read
+    from `fp`) is all there."""
     file_meta = getattr(ds, "file_meta", None)
     ts_value = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if not ts_value:
         raise InvalidObject("no Transfer Syntax UID in the File Meta Information")
-    ts = UID(str(ts_value))
-    if ts != DeflatedExplicitVRLittleEndian:
-        # The encoding pydicom actually found, which a broken file's meta may misstate.
-        implicit, little = ds.original_encoding
-        if implicit is not None and little is not None:
-            _check_pixel_data_extent(fp, size, implicit, little, pixel_element)
-    return _Header(ds=ds, transfer_syntax_uid=str(ts), sha256=sha256, size=size)
+    if element is not None:
+        _check_pixel_data_extent(fp, size, bool(ds.original_encoding[1]), element)
+    return _Header(ds=ds, transfer_syntax_uid=str(UID(str(ts_value))), sha256=sha256, size=size)
 
 
 # --------------------------------------------------------------------------------------------------------------

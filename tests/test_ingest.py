@@ -225,3 +225,36 @@ def test_header_from_received_bytes_equals_header_from_file(tmp_path: Path) -> N
         assert "truncated Pixel Data" in exc.message
     else:
         raise AssertionError("a truncated image was accepted")
+
+
+def test_encapsulated_pixel_data_cut_short_is_refused_from_head_and_file(tmp_path: Path) -> None:
+    """Compressed pixel data is walked fragment by fragment (never read): an object cut inside a fragment, or one
+    whose fragments lack the sequence delimiter, is refused, whether ingest starts from the received bytes or the
+    file; the whole object passes."""
+    import hashlib
+
+    from pydicom.data import get_testdata_file
+
+    from storage.ingest import HEAD_BYTES, IngestError, read_header
+
+    source = Path(str(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")))
+    whole = source.read_bytes()
+    delimiter = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    assert whole.endswith(delimiter)
+    cases = {
+        "whole": (whole, None),
+        "cut-in-fragment": (whole[: len(whole) - 600], "truncated encapsulated Pixel Data fragment"),
+        "no-delimiter": (whole[: -len(delimiter)], "truncated encapsulated Pixel Data (no sequence delimiter)"),
+    }
+    for name, (data, expected) in cases.items():
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest(), len(data)
+        for known_head in (None, data[:HEAD_BYTES]):
+            try:
+                header = read_header(path, digest, known_head)
+            except IngestError as exc:
+                assert exc.message == expected, (name, exc.message)
+            else:
+                assert expected is None, f"{name} was accepted"
+                assert (header.transfer_syntax_uid, header.size) == ("1.2.840.10008.1.2.4.50", len(whole))

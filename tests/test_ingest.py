@@ -258,3 +258,74 @@ def test_encapsulated_pixel_data_cut_short_is_refused_from_head_and_file(tmp_pat
             else:
                 assert expected is None, f"{name} was accepted"
                 assert (header.transfer_syntax_uid, header.size) == ("1.2.840.10008.1.2.4.50", len(whole))
+
+
+def test_two_nodes_filling_two_series_in_opposite_orders_never_deadlock(tmp_path: Path) -> None:
+    """PostgreSQL: each instance row bumps its series row's count (a trigger), so a batch holds the lock of every
+    series it has written to until it commits. Two nodes committing batches that fill the same two series in
+    opposite orders would each hold one series and wait for the other's. Rows are written in one order by every
+    writer, so the second node waits for the first instead: forced here by pausing each node after its first row
+    until the other has written one too (which, with a single order, it cannot)."""
+    import hashlib
+
+    from storage.blobstore import blob_key_for
+    from storage.ingest import _IndexJob, read_header
+    from tests.services import index_database
+
+    with index_database("pg", tmp_path) as url:
+        upgrade(url)
+        blobs = FileBlobStore(tmp_path / "blobs")
+        nodes = [Archive(make_engine(url), blobs) for _ in range(2)]
+        for series in ("A", "B"):  # both series exist before the race
+            nodes[0].ingest_file(write_ct(tmp_path / "in", study="race", series=series, index=0))
+        batches: list[list[_IndexJob]] = []
+        for n, order in enumerate((("A", "B"), ("B", "A"))):
+            jobs = []
+            for series in order:
+                path = write_ct(tmp_path / "in", study="race", series=series, index=10 * (n + 1) + ord(series))
+                header = read_header(path)
+                key = blob_key_for(hashlib.sha256(path.read_bytes()).hexdigest())
+                blobs.put_file(key, path, header.size)
+                ds = header.ds
+                row = nodes[n]._instance_row(ds, header, key, "SCU", "test", ds.SOPClassUID, ds.SOPInstanceUID)
+                jobs.append(_IndexJob(ds, row, ds.StudyInstanceUID, ds.SeriesInstanceUID, path))
+            batches.append(jobs)
+
+        both_wrote_one = threading.Barrier(2)
+        first_row = threading.local()
+        deadlocks: list[str] = []
+
+        def pause_after_first_row(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if statement.startswith("INSERT INTO instance") and getattr(first_row, "pending", False):
+                first_row.pending = False
+                try:
+                    both_wrote_one.wait(timeout=3)  # times out when the other node is (rightly) waiting for us
+                except threading.BrokenBarrierError:
+                    pass
+
+        def note_deadlock(context: object) -> None:
+            orig = getattr(context, "original_exception", None)
+            if getattr(orig, "sqlstate", None) == "40P01":
+                deadlocks.append(str(orig))
+
+        for archive in nodes:
+            event.listen(archive.engine, "after_cursor_execute", pause_after_first_row)
+            event.listen(archive.engine, "handle_error", note_deadlock)
+
+        def commit(archive: Archive, jobs: list[_IndexJob]) -> None:
+            first_row.pending = True
+            archive._index_batch(jobs)
+
+        threads = [threading.Thread(target=commit, args=(nodes[n], batches[n])) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not deadlocks, deadlocks
+        assert [[job.outcome for job in jobs] for jobs in batches] == [["stored", "stored"], ["stored", "stored"]]
+        with nodes[0].engine.connect() as conn:
+            query = select(Series.series_instance_uid, Series.number_of_series_related_instances)
+            counts = {uid: number for uid, number in conn.execute(query)}
+        assert sorted(counts.values()) == [3, 3], counts
+        for archive in nodes:
+            archive.engine.dispose()

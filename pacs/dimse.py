@@ -155,10 +155,29 @@ class SharedLoad(Protocol):
     def may_accept(self, active: int) -> bool: ...
 
 
+def _in_use(assoc: Any) -> bool:
+    """Whether an association is being negotiated or is established: not yet released, aborted or rejected."""
+    return not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
+
+
 def _shared_listener_server(listener: socket.socket, load: SharedLoad | None) -> type:
     """pynetdicom's threaded server class, serving an already listening socket instead of binding its own."""
 
     class SharedListenerServer(ThreadedAssociationServer):  # type: ignore[misc]
+        # Connections accepted whose Association thread may not run yet: pynetdicom counts an association only
+        # once its thread runs, a few milliseconds after the accept, and connections that arrive together (four
+        # modalities starting at once) would otherwise find this process idle until then.
+        _vn_accepted: list[socket.socket] = []
+        _vn_lock = threading.RLock()
+
+        def load(self) -> int:
+            """This process's associations in use, and the connections accepted for which none runs yet (one that
+            has ended may take a moment longer to stop its threads: it no longer counts)."""
+            running = self.ae.active_associations
+            attached = {id(getattr(getattr(assoc.dul, "socket", None), "socket", None)) for assoc in running}
+            starting = sum(1 for client in self._vn_accepted if id(client) not in attached)
+            return sum(1 for assoc in running if _in_use(assoc)) + starting
+
         def server_bind(self) -> None:
             own: socket.socket = self.socket  # type: ignore[has-type]
             own.close()
@@ -173,16 +192,31 @@ def _shared_listener_server(listener: socket.socket, load: SharedLoad | None) ->
             # OSError, which socketserver ignores). The accepted socket itself blocks, as pynetdicom expects.
             # Connections that arrive together (four modalities starting at once) would all go to whichever
             # process wakes first: a process busier than another leaves the connection to it for a moment.
-            if load is not None:
-                active = len(self.ae.active_associations)
-                if not load.may_accept(active):
-                    time.sleep(0.001)
-                    raise BlockingIOError("a less busy process takes this association")
-            client, address = listener.accept()
-            if load is not None:
-                load.publish(len(self.ae.active_associations) + 1)
+            # The load is counted and published under one lock with the accept, so that `publish_load` in another
+            # thread never overwrites it with a count taken before the accept.
+            with self._vn_lock:
+                busier = load is not None and not load.may_accept(self.load())
+                if not busier:
+                    client, address = listener.accept()
+                    self._vn_accepted.append(client)
+                    self.publish_load()
+            if busier:
+                time.sleep(0.001)
+                raise BlockingIOError("a less busy process takes this association")
             client.setblocking(True)  # as pynetdicom's own accept leaves it
             return client, address
+
+        def publish_load(self) -> None:
+            if load is not None:
+                with self._vn_lock:
+                    load.publish(self.load())
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)  # returns once the Association started
+            finally:
+                with self._vn_lock:
+                    self._vn_accepted.remove(request)
 
         def server_close(self) -> None:
             return None  # the listener belongs to the process that created it
@@ -279,10 +313,13 @@ class DimseServer:
         thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
         thread.start()
         if load is not None:
+            # An association that ends frees its process for the next one at once, not at the next count below.
+            for ended in (evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_REJECTED):
+                server.bind(ended, lambda _event: server.publish_load())
 
-            def publish() -> None:  # associations end without telling the acceptor: count them again often
+            def publish() -> None:  # and in case one ends otherwise (its connection lost): count them again often
                 while self._server is server:
-                    load.publish(len(self.ae.active_associations))
+                    server.publish_load()
                     time.sleep(0.02)
 
             threading.Thread(target=publish, name="dimse-load", daemon=True).start()

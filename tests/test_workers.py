@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.conftest import StartServer
 from tests.data import patient, write_ct
@@ -95,6 +99,56 @@ def test_associations_spread_over_processes_and_worker_stores_are_reconciled(
     if orders is not None:
         for pk in pks.values():
             assert wait_status(orders, pk, "IMAGES_AVAILABLE") == "IMAGES_AVAILABLE"
+
+
+def _connections(pid: int, port: int, *, established_only: bool = True) -> int:
+    """How many accepted TCP connections on local `port` process `pid` holds: its socket descriptors matched to the
+    kernel's table of IPv4 connections, established ones or (`established_only=False`) any not yet closed."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port, state, inode = int(fields[1].split(":")[1], 16), fields[3], fields[9]
+        if local_port == port and inode in inodes and (state == "01" if established_only else state != "0A"):
+            count += 1  # 01: ESTABLISHED, 0A: LISTEN (the shared listening socket)
+    return count
+
+
+def test_associations_arriving_together_are_shared_evenly(start_server: StartServer) -> None:
+    """Four modalities associating at the same moment get two DIMSE processes each, not three and one: a process
+    counts the connections it has accepted and not yet started as busy, so the other one takes the next."""
+    server = start_server("fs-sqlite", VNPACS_DIMSE_PROCESSES="2")
+    processes = [server.pid, *_worker_pids(server)]
+    assert len(processes) == 2
+    start = threading.Barrier(SENDERS)
+
+    def associate(_n: int) -> Any:
+        ae = AE("SENDER")
+        ae.add_requested_context(Verification)
+        start.wait()
+        return ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+
+    for _round in range(3):
+        with ThreadPoolExecutor(SENDERS) as pool:
+            assocs = list(pool.map(associate, range(SENDERS)))
+        try:
+            assert all(a.is_established for a in assocs)
+            counts = [_connections(pid, server.dicom_port) for pid in processes]
+            assert counts == [2, 2], (_round, counts)
+        finally:
+            for a in assocs:
+                a.release()
+        deadline = time.monotonic() + 10  # the next round starts once the server has closed these connections
+        while any(_connections(pid, server.dicom_port, established_only=False) for pid in processes):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
 
 
 def test_a_killed_worker_is_replaced_and_serving_goes_on(start_server: StartServer, tmp_path: Path) -> None:

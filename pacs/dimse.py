@@ -164,11 +164,13 @@ def _shared_listener_server(listener: socket.socket, load: SharedLoad | None) ->
     """pynetdicom's threaded server class, serving an already listening socket instead of binding its own."""
 
     class SharedListenerServer(ThreadedAssociationServer):  # type: ignore[misc]
-        # Connections accepted whose Association thread may not run yet: pynetdicom counts an association only
-        # once its thread runs, a few milliseconds after the accept, and connections that arrive together (four
-        # modalities starting at once) would otherwise find this process idle until then.
-        _vn_accepted: list[socket.socket] = []
-        _vn_lock = threading.RLock()
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # Connections accepted whose Association thread may not run yet: pynetdicom counts an association only
+            # once its thread runs, a few milliseconds after the accept, and connections that arrive together (four
+            # modalities starting at once) would otherwise find this process idle until then.
+            self._vn_accepted: list[socket.socket] = []
+            self._vn_lock = threading.RLock()
+            super().__init__(*args, **kwargs)
 
         def load(self) -> int:
             """This process's associations in use, and the connections accepted for which none runs yet (one that

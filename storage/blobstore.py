@@ -55,7 +55,7 @@ class BlobStore(Protocol):
         """Raise BlobStoreError when the store cannot be reached or written."""
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -88,6 +88,9 @@ class FileBlobStore:
         self.tmp_dir = self.root / ".tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._known_dir_names: set[str] = set()
+        self._root = os.fspath(self.root)
+        self._tmp = os.fspath(self.tmp_dir)
         self._lock = threading.Lock()
 
     def path_for(self, key: str) -> Path:
@@ -109,10 +112,19 @@ class FileBlobStore:
             self._known_dirs.add(directory)
 
     def put_file(self, key: str, path: Path, size: int, *, adopt: bool = False) -> None:
-        target = self.path_for(key)
+        # Plain strings from here on: this runs for every object received, and pathlib's objects cost more than
+        # the system calls they make.
+        target = os.path.join(self._root, key)
+        directory = os.path.dirname(target)
         try:
-            self._ensure_dir(target.parent)
-            if target.exists() and target.stat().st_size == size:
+            if directory not in self._known_dir_names:
+                self._ensure_dir(Path(directory))
+                self._known_dir_names.add(directory)
+            try:
+                existing = os.stat(target).st_size
+            except FileNotFoundError:
+                existing = None
+            if existing == size:
                 # Content-addressed: the same key means the same bytes. Another writer may not have synced them
                 # yet (it died between its rename and its fsync): sync them before this object is acknowledged.
                 fd = os.open(target, os.O_RDONLY)
@@ -123,11 +135,9 @@ class FileBlobStore:
                 if adopt:
                     path.unlink(missing_ok=True)
                 return
-            if adopt and path.parent == self.tmp_dir:
-                staged = path
-            else:
-                fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
-                staged = Path(name)
+            staged = os.fspath(path)
+            if not (adopt and os.path.dirname(staged) == self._tmp):
+                fd, staged = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
                 with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
                     shutil.copyfileobj(src, out, 1024 * 1024)
             # Rename first, then fsync the file: one journal commit makes both the bytes and the new name durable
@@ -140,7 +150,7 @@ class FileBlobStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(target.parent)
+            _fsync_dir(directory)
         except OSError as exc:
             raise BlobStoreError(f"cannot write {key}: {exc.strerror or exc}") from exc
 

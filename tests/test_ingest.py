@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import event, func, select
+from sqlalchemy import delete, event, func, select
 
 from storage.blobstore import FileBlobStore
 from storage.db import make_engine, upgrade
@@ -20,9 +20,10 @@ def test_concurrent_stores_share_commits_and_each_object_is_indexed_once(tmp_pat
     url = f"sqlite:///{tmp_path / 'index.db'}"
     upgrade(url)
     engine = make_engine(url)
-    commits: list[int] = []
-    event.listen(engine, "commit", lambda conn: commits.append(1))
     archive = Archive(engine, FileBlobStore(tmp_path / "blobs"))
+    commits: list[int] = []  # one index transaction per batch, whichever path commits it
+    run_batch = archive._committer._run_batch
+    archive._committer._run_batch = lambda jobs: (commits.append(len(jobs)), run_batch(jobs))[1]  # type: ignore[func-returns-value]
     files = [write_ct(tmp_path / "in", study="group", series=f"se{i % 3}", index=i) for i in range(1, 61)]
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -48,6 +49,64 @@ def test_concurrent_stores_share_commits_and_each_object_is_indexed_once(tmp_pat
         assert conn.execute(select(func.count(Series.pk))).scalar_one() == 3
         assert conn.execute(select(func.count(Study.pk))).scalar_one() == 1
     assert len(commits) < len(outcomes), "concurrent stores should have shared commits"
+
+
+def test_new_objects_of_a_known_series_are_indexed_by_the_driver_and_everything_else_as_before(tmp_path: Path) -> None:
+    """SQLite: a new object of a series whose rows are cached is indexed at the driver level (`_index_cached`); the
+    first object of a series, an identical object sent again, a different object under the same SOP Instance UID
+    and an object whose blob a deleter removed meanwhile go through `_index_many`, with their usual outcomes. Rows
+    written either way read back the same, and the series counts stay right."""
+    from sqlalchemy import insert
+
+    from storage.models import BlobDeletion, InstanceConflict, utcnow
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    archive = Archive(engine, FileBlobStore(tmp_path / "blobs"))
+    general: list[int] = []
+    index_many = archive._index_many
+    archive._index_many = lambda jobs: (general.append(len(jobs)), index_many(jobs))[1]  # type: ignore[method-assign,func-returns-value]
+
+    first = write_ct(tmp_path / "a", series="known", index=1)
+    second = write_ct(tmp_path / "a", series="known", index=2)
+    assert archive.ingest_file(first).outcome == "stored"
+    assert general == [1], "the first object of a series creates its rows"
+    stored = archive.ingest_file(second)
+    assert stored.outcome == "stored"
+    assert general == [1], "a new object of a known series is indexed by the driver"
+
+    assert archive.ingest_file(second).outcome == "duplicate"
+    assert general == [1, 1]
+    changed = write_ct(tmp_path / "b", series="known", index=2, InstitutionName="Bệnh viện khác")
+    assert archive.ingest_file(changed).outcome == "conflict"
+    assert general == [1, 1, 1]
+
+    third = write_ct(tmp_path / "a", series="known", index=3)
+    key = archive.ingest_file(third).sha256
+    blob_key = f"{key[:2]}/{key}.dcm"
+    fourth = write_ct(tmp_path / "c", series="known", index=3)  # the same bytes, sent again after a deletion
+    with engine.begin() as conn:
+        conn.execute(delete(Instance).where(Instance.blob_key == blob_key))
+        conn.execute(insert(BlobDeletion).values(blob_key=blob_key, deleted_at=utcnow()))
+    archive.blobs.delete(blob_key)
+    assert archive.ingest_file(fourth).outcome == "stored"
+    assert general == [1, 1, 1, 1], "a blob noted as deleted is written again by the general path"
+    assert archive.blobs.exists(blob_key)
+
+    with engine.connect() as conn:
+        rows = {
+            row.sop_instance_uid: row
+            for row in conn.execute(select(Instance.sop_instance_uid, Instance.received_at, Instance.blob_key))
+        }
+        raw_times = [value for (value,) in conn.exec_driver_sql("SELECT received_at FROM instance ORDER BY pk")]
+        count = conn.execute(select(Series.number_of_series_related_instances)).scalar_one()
+        conflicts = conn.execute(select(func.count(InstanceConflict.pk))).scalar_one()
+    assert len(rows) == 3 and count == 3 and conflicts == 1
+    assert all(row.received_at is not None for row in rows.values())
+    # The driver-level row (the second object) stores its time exactly as SQLAlchemy writes the others.
+    assert len({len(value) for value in raw_times}) == 1 and all(value[4] == "-" for value in raw_times), raw_times
+    assert rows[stored.sop_instance_uid].blob_key == f"{stored.sha256[:2]}/{stored.sha256}.dcm"
 
 
 def test_index_text_read_from_raw_bytes_equals_pydicoms_conversion() -> None:

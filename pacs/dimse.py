@@ -334,7 +334,7 @@ class DimseServer:
 
     # ---- Storage -------------------------------------------------------------------------------------------
 
-    def on_store(self, event: Any) -> Dataset:
+    def on_store(self, event: Any) -> Dataset | int:
         req = event.request
         calling = _aet(event.assoc.requestor.ae_title)
         negotiated = str(event.context.abstract_syntax)
@@ -368,7 +368,7 @@ class DimseServer:
             return _status(status.CANNOT_UNDERSTAND, exc.message)
         if result.outcome == "conflict":
             log.warning("C-STORE %s from %s: %s", result.sop_instance_uid, calling, result.message)
-        return _status(status.SUCCESS)
+        return status.SUCCESS  # a bare code: pynetdicom sets it without walking a status Dataset
 
     # ---- Query ---------------------------------------------------------------------------------------------
 

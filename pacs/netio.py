@@ -669,31 +669,48 @@ def _patch_p_data(dul: Any, evt: Any, pdu_primitives: Any) -> None:
     watched = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
 
     def read_pdu_data(self: Any) -> None:
+        while _read_one_pdu(self) and _more_of_a_dataset(self):
+            # The rest of a C-STORE data set is already arriving: read it here rather than once per PDU round the
+            # reactor loop (its sleep, two selects, a pipe drain, two empty-queue exceptions). Anything else, a
+            # kill request, or a PDU that is not yet there returns to the loop.
+            self._idle_timer.restart()
+
+    def _more_of_a_dataset(self: Any) -> bool:
+        message = self.assoc.dimse.message
+        return (
+            message is not None
+            and isinstance(getattr(message, "_data_set_file", None), _Spool)
+            and not self._kill_thread
+            and self.socket.ready
+        )
+
+    def _read_one_pdu(self: Any) -> bool:
+        """Read one PDU and act on it; True when it was a P-DATA-TF handed straight to DIMSE."""
         sock = self.socket
         try:
             head = sock.recv(6)
         except (OSError, TimeoutError):
             log.debug("connection closed before a PDU header was received")
             self.event_queue.put("Evt17")  # transport connection closed
-            return
+            return False
         if len(head) != 6:
             self.event_queue.put("Evt17")
-            return
+            return False
         pdu_type, _, length = struct.unpack(">BBL", head)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             log.error("unknown PDU type 0x%02X received", pdu_type)
             self.event_queue.put("Evt19")  # unrecognised or invalid PDU
-            return
+            return False
         try:
             body = sock.recv(length)
         except (OSError, TimeoutError):
             log.error("connection closed before the entire PDU was received")
             self.event_queue.put("Evt17")
-            return
+            return False
         if len(body) != length:
             log.error("the received PDU is shorter than expected (%d of %d bytes)", 6 + len(body), 6 + length)
             self.event_queue.put("Evt17")
-            return
+            return False
         assoc = self.assoc
         if (
             pdu_type == 0x04
@@ -708,15 +725,16 @@ def _patch_p_data(dul: Any, evt: Any, pdu_primitives: Any) -> None:
                 # the fragment and slices it, which a memoryview does without a copy.
                 primitive._presentation_data_value_list = pdvs
                 assoc.dimse.receive_primitive(primitive)  # DT-2
-                return
+                return True
         try:
             pdu, event = self._decode_pdu(head + body)
         except Exception as exc:
             log.error("unable to decode the received PDU: %s", exc)
             self.event_queue.put("Evt19")
-            return
+            return False
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+        return False
 
     cls._read_pdu_data = read_pdu_data
 

@@ -12,6 +12,7 @@ pynetdicom keeps its stock behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -280,6 +281,7 @@ def apply() -> None:
                 wake = getattr(self, "_vn_wake", None)
                 if wake is not None:
                     wake.close()
+                _discard_unfinished(self.assoc)
                 _activity(self.assoc).set()
 
         orig_kill = dul_cls.kill_dul
@@ -458,6 +460,23 @@ class _Spool:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+
+
+def _discard_unfinished(assoc: Any) -> None:
+    """The association has ended (released, aborted, connection lost): a C-STORE data set still being received
+    will never be complete. pynetdicom removes a spool file only after the handler ran, so without this each
+    interrupted transfer would leave its partial file in the spool folder and its descriptor open."""
+    dimse = getattr(assoc, "dimse", None)
+    message = getattr(dimse, "message", None)
+    spool = getattr(message, "_data_set_file", None)
+    if not isinstance(spool, _Spool):
+        return
+    spool.close()
+    with contextlib.suppress(OSError):
+        os.unlink(spool.name)
+    if dimse is not None:
+        dimse.message = None
+    log.info("a C-STORE data set interrupted by the end of its association was discarded")
 
 
 class Spooled(NamedTuple):

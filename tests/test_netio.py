@@ -358,3 +358,62 @@ def test_receiving_starts_writeback_but_never_waits_on_the_disk(
     assert flushes == []
     if start is not None:  # Linux: every byte of both objects was handed to writeback, each range once
         assert sum(n for _, n in writebacks) == sum(len(b) for b in received)
+
+
+@pytest.mark.parametrize("ending", ["abort", "connection lost"])
+def test_a_transfer_interrupted_mid_data_set_leaves_no_file_and_no_descriptor(
+    receiver: tuple[int, list[bytes], AE], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """A modality that aborts, or whose network drops, in the middle of an object's data set: the object is not
+    handed to the handler, its spool file is removed and its descriptor closed when the association ends (a server
+    that runs for months would otherwise fill its spool folder and run out of descriptors), and the next
+    association stores normally."""
+    import os
+    import tempfile
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    port, received, _ = receiver
+    ds = _ct(90, 300_000)
+    encoded = DicomBytesIO()
+    ds.save_as(encoded, enforce_file_format=False)
+    data_set = encoded.getvalue()[encoded.getvalue().index(b"\x08\x00\x05\x00") :]
+
+    scu = AE("SCU")
+    scu.add_requested_context(CT, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", port)
+    assert assoc.is_established
+    rq = _store_request(CT, ds.SOPInstanceUID, message_id=1)
+    rq.DataSet = io.BytesIO(data_set)
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    context_id = assoc.accepted_contexts[0].context_id
+    pdus = list(message.encode_msg(context_id, 16_384))
+    sock = assoc.dul.socket.socket
+    descriptors_before = len(os.listdir("/proc/self/fd"))
+    for primitive in pdus[:4]:  # the command and a few fragments of ~20
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        sock.sendall(pdu.encode())
+    spooled = []
+    deadline = time.monotonic() + 10
+    while not spooled and time.monotonic() < deadline:
+        spooled = list(tmp_path.glob("*.dcm"))
+        time.sleep(0.02)
+    assert spooled, "the server started spooling the object"
+    if ending == "abort":
+        assoc.abort()
+    else:
+        assoc.dul.socket.socket.shutdown(2)
+        assoc.dul.socket.socket.close()
+        assoc.abort()  # ends the SCU's own reactor; nothing more reaches the server
+    deadline = time.monotonic() + 10
+    while list(tmp_path.glob("*.dcm")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(tmp_path.glob("*.dcm")) == []
+    assert not [name for name in netio._spool_digests if name.startswith(str(tmp_path))]
+    assert len(os.listdir("/proc/self/fd")) <= descriptors_before
+    assert received == []
+
+    assert _send(port, [_ct(91, 300_000)], max_pdu=16_384) == [0]
+    assert len(received) == 1

@@ -509,7 +509,10 @@ def run_one(
         console.print(str(exc)[-2000:], markup=False, highlight=False)
     finally:
         if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if args.defer_cleanup:
+                args.leftovers.append(workdir)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
     if result.ok:
         console.print(
             f"{result.target:22} {mode:10} {result.seconds:7.2f}s {result.inst_per_s:8.1f} inst/s "
@@ -644,6 +647,14 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
         "  vnpacs's own S3 client code from 1 or 4 threads, without DICOM: the S3 server's limit, as storescp's is the",
         "  network's. Its CPU ms/inst and peak RSS are the S3 server's. Audited by listing the bucket.",
         "- vnpacs runs its default of one DIMSE process per core (VNPACS_DIMSE_PROCESSES=0; here 2).",
+        "- Runs' data: "
+        + (
+            "kept until the end of the bench, so that no run creates its files among inodes another run has just"
+            " deleted (ext4 without a journal skips those, one by one, for a minute)."
+            if args.defer_cleanup
+            else "each run's deleted after it (not enough disk to keep them all): later runs pay for creating"
+            " files among the just-deleted inodes (ext4 without a journal skips those, one by one, for a minute)."
+        ),
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
         "- CPU ms/inst: user + system CPU of the server's processes (vnpacs: with its DIMSE workers) during the",
         "  push, from /proc, per instance; the clients' and the kernel's other work is not in it.",
@@ -755,6 +766,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sets.append(large)
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="vnpacs-bench-")) if own_workdir else args.workdir
+    # ext4 without a journal (this VM's root) skips, for every new inode, the inodes deleted in the last minute:
+    # deleting each run's thousands of files right away made every next run's file creations scan them (perf:
+    # about a tenth of vnpacs' CPU per object, in ext4_create and mkdir). Runs' data is kept to the end when the
+    # disk has room for it all.
+    data_per_run = sum(s.total_bytes for s in sets) * 1.3
+    runs_with_data = args.rounds * len(args.target_list) * (len(args.assoc_list) + (1 if large is not None else 0))
+    workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(workdir).free
+    args.defer_cleanup = not args.keep and free > data_per_run * runs_with_data + 5e9
+    args.leftovers = []
+    if not args.keep and not args.defer_cleanup:
+        console.print("[yellow]not enough disk to keep every run's data: each run's is deleted after it[/yellow]")
     runs: dict[tuple[str, str], list[Result]] = {}
     try:
         for round_no in range(1, args.rounds + 1):
@@ -773,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         run_one(name, LARGE_MODE, 1, large, where, args, console)
                     )
     finally:
+        for leftover in args.leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
         if own_workdir and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     results = [median_result(r) for r in runs.values()]

@@ -691,7 +691,7 @@ def _patch_p_data(dul: Any, evt: Any, pdu_primitives: Any) -> None:
         while _read_one_pdu(self) and _more_of_a_dataset(self):
             # The rest of a C-STORE data set is already arriving: read it here rather than once per PDU round the
             # reactor loop (its sleep, two selects, a pipe drain, two empty-queue exceptions). Anything else, a
-            # kill request, or a PDU that is not yet there returns to the loop.
+            # kill request, something to send, or a PDU that is not yet there returns to the loop.
             self._idle_timer.restart()
 
     def _more_of_a_dataset(self: Any) -> bool:
@@ -700,6 +700,7 @@ def _patch_p_data(dul: Any, evt: Any, pdu_primitives: Any) -> None:
             message is not None
             and isinstance(getattr(message, "_data_set_file", None), _Spool)
             and not self._kill_thread
+            and self.to_provider_queue.empty()  # something to send (an abort, say) goes first, as in the loop
             and self.socket.ready
         )
 

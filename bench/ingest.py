@@ -463,6 +463,10 @@ def start_target(name: str, workdir: Path, args: argparse.Namespace) -> Iterator
             raise ValueError(f"unknown target {name}")
 
 
+# ext4's recently_deleted(): an inode freed less than a minute ago is not reused (no-journal mode).
+INODE_RECENCY_S = 61
+
+
 def run_one(
     name: str,
     mode: str,
@@ -649,11 +653,11 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
         "- vnpacs runs its default of one DIMSE process per core (VNPACS_DIMSE_PROCESSES=0; here 2).",
         "- Runs' data: "
         + (
-            "kept until the end of the bench, so that no run creates its files among inodes another run has just"
-            " deleted (ext4 without a journal skips those, one by one, for a minute)."
+            f"deleted at the end of each round, and the next round started {INODE_RECENCY_S} s later, so that no run"
+            " creates its files among inodes just deleted (ext4 without a journal skips those, one by one, for a"
+            " minute)."
             if args.defer_cleanup
-            else "each run's deleted after it (not enough disk to keep them all): later runs pay for creating"
-            " files among the just-deleted inodes (ext4 without a journal skips those, one by one, for a minute)."
+            else "kept (--keep)."
         ),
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
         "- CPU ms/inst: user + system CPU of the server's processes (vnpacs: with its DIMSE workers) during the",
@@ -766,21 +770,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         sets.append(large)
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="vnpacs-bench-")) if own_workdir else args.workdir
-    # ext4 without a journal (this VM's root) skips, for every new inode, the inodes deleted in the last minute:
-    # deleting each run's thousands of files right away made every next run's file creations scan them (perf:
-    # about a tenth of vnpacs' CPU per object, in ext4_create and mkdir). Runs' data is kept to the end when the
-    # disk has room for it all.
-    data_per_run = sum(s.total_bytes for s in sets) * 1.3
-    runs_with_data = args.rounds * len(args.target_list) * (len(args.assoc_list) + (1 if large is not None else 0))
-    workdir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(workdir).free
-    args.defer_cleanup = not args.keep and free > data_per_run * runs_with_data + 5e9
+    # ext4 without a journal (this VM's root) skips, for every new inode, the inodes deleted in the last minute,
+    # one by one: deleting each run's thousands of files right away made every next run's file creations scan them
+    # (perf: about a tenth of vnpacs' CPU per object, in ext4_create and mkdir). A round's data is deleted when the
+    # round ends, and the next round starts a minute later.
+    args.defer_cleanup = not args.keep
     args.leftovers = []
-    if not args.keep and not args.defer_cleanup:
-        console.print("[yellow]not enough disk to keep every run's data: each run's is deleted after it[/yellow]")
     runs: dict[tuple[str, str], list[Result]] = {}
     try:
         for round_no in range(1, args.rounds + 1):
+            if args.leftovers:
+                for leftover in args.leftovers:
+                    shutil.rmtree(leftover, ignore_errors=True)
+                args.leftovers.clear()
+                os.sync()
+                console.print(f"waiting {INODE_RECENCY_S} s for the deleted inodes to age (ext4 without a journal)")
+                time.sleep(INODE_RECENCY_S)
             console.print(f"[bold]round {round_no} of {args.rounds}[/bold]")
             warm_page_cache(ct.files)
             for name in args.target_list:

@@ -87,8 +87,7 @@ class FileBlobStore:
         self.url = self.root.as_uri()
         self.tmp_dir = self.root / ".tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._known_dirs: set[Path] = set()
-        self._known_dir_names: set[str] = set()
+        self._known_dirs: set[str] = set()
         self._root = os.fspath(self.root)
         self._tmp = os.fspath(self.tmp_dir)
         self._lock = threading.Lock()
@@ -96,9 +95,10 @@ class FileBlobStore:
     def path_for(self, key: str) -> Path:
         return self.root / key
 
-    def _ensure_dir(self, directory: Path) -> None:
-        if directory in self._known_dirs:
+    def _ensure_dir(self, name: str) -> None:
+        if name in self._known_dirs:
             return
+        directory = Path(name)
         with self._lock:
             missing = []
             d = directory
@@ -109,7 +109,7 @@ class FileBlobStore:
             # A new directory entry is only durable once its parent is synced.
             for created in reversed(missing):
                 _fsync_dir(created.parent)
-            self._known_dirs.add(directory)
+            self._known_dirs.add(name)
 
     def put_file(self, key: str, path: Path, size: int, *, adopt: bool = False) -> None:
         # Plain strings from here on: this runs for every object received, and pathlib's objects cost more than
@@ -117,9 +117,7 @@ class FileBlobStore:
         target = os.path.join(self._root, key)
         directory = os.path.dirname(target)
         try:
-            if directory not in self._known_dir_names:
-                self._ensure_dir(Path(directory))
-                self._known_dir_names.add(directory)
+            self._ensure_dir(directory)
             try:
                 existing = os.stat(target).st_size
             except FileNotFoundError:

@@ -390,7 +390,6 @@ def test_a_transfer_interrupted_mid_data_set_leaves_no_file_and_no_descriptor(
     context_id = assoc.accepted_contexts[0].context_id
     pdus = list(message.encode_msg(context_id, 16_384))
     sock = assoc.dul.socket.socket
-    descriptors_before = len(os.listdir("/proc/self/fd"))
     for primitive in pdus[:4]:  # the command and a few fragments of ~20
         pdu = P_DATA_TF()
         pdu.from_primitive(primitive)
@@ -401,6 +400,18 @@ def test_a_transfer_interrupted_mid_data_set_leaves_no_file_and_no_descriptor(
         spooled = list(tmp_path.glob("*.dcm"))
         time.sleep(0.02)
     assert spooled, "the server started spooling the object"
+
+    def descriptors_on(path: Path) -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(path)):  # "(deleted)" is appended once unlinked
+                    found.append(fd)
+            except OSError:
+                continue
+        return found
+
+    assert descriptors_on(spooled[0]), "the spool holds the partial object open"
     if ending == "abort":
         assoc.abort()
     else:
@@ -412,7 +423,7 @@ def test_a_transfer_interrupted_mid_data_set_leaves_no_file_and_no_descriptor(
         time.sleep(0.02)
     assert list(tmp_path.glob("*.dcm")) == []
     assert not [name for name in netio._spool_digests if name.startswith(str(tmp_path))]
-    assert len(os.listdir("/proc/self/fd")) <= descriptors_before
+    assert descriptors_on(spooled[0]) == []
     assert received == []
 
     assert _send(port, [_ct(91, 300_000)], max_pdu=16_384) == [0]

@@ -721,6 +721,11 @@ _CONFLICT_FIELDS = (
 _DriverInsert = tuple[str, tuple[str, ...], Callable[[Any], Any] | None]
 
 
+def _sqlite_deleted_keys(keys: list[str]) -> str:
+    """SQLite: the blob keys among `keys` (bound as parameters) that a deleter has noted in blob_deletion."""
+    return f"SELECT blob_key FROM blob_deletion WHERE blob_key IN ({','.join('?' * len(keys))})"
+
+
 class _TakeGeneralPath(Exception):
     """`Archive._index_cached` found a case it leaves to `_index_many` (and rolled back)."""
 
@@ -792,8 +797,8 @@ class Archive:
         # uses it (one batch at a time); it is dropped on any database error and opened again for the next batch.
         self._leader_conn: Connection | None = None
         self._postgres = dialect == "postgresql"
-        # The instance INSERT as SQLite's driver takes it, for `_index_cached` (compiled on first use).
-        self._driver_insert: _DriverInsert | None = None
+        # The instance INSERT as SQLite's driver takes it, for `_index_cached`; None: that path is not taken.
+        self._driver_insert = self._compile_driver_insert() if dialect == "sqlite" else None
         # Called after each durable store (outside the index transaction); they must return quickly.
         self.listeners: list[Callable[[IngestResult], None]] = []
 
@@ -984,7 +989,7 @@ class Archive:
         yet, an object indexed already (a duplicate or a conflict), a blob a deleter removed, any database error.
         `_index_many` then runs the batch as before and reports what went wrong. A COMMIT that failed after it
         reached the disk is harmless there too: the rows are found again as identical duplicates."""
-        if self.engine.dialect.name != "sqlite":
+        if self._driver_insert is None:
             return None
         caches = self._caches
         series_pks = []
@@ -998,12 +1003,11 @@ class Archive:
             driver = self._leader_connection().connection.driver_connection
         except SQLAlchemyError:
             return None
-        insert_sql = self._driver_insert or self._compile_driver_insert(jobs[0].row)
-        if driver is None or insert_sql is None:
+        if driver is None:
             return None
-        sql, columns, received_at = insert_sql
+        sql, columns, received_at = self._driver_insert
         keys = sorted({job.row["blob_key"] for job in jobs})
-        guard = f"SELECT 1 FROM blob_deletion WHERE blob_key IN ({','.join('?' * len(keys))}) LIMIT 1"
+        guard = _sqlite_deleted_keys(keys) + " LIMIT 1"
         with self._write_lock:
             cursor = driver.cursor()
             try:
@@ -1032,19 +1036,20 @@ class Archive:
                 cursor.close()
         return ["stored"] * len(jobs)
 
-    def _compile_driver_insert(self, row: Mapping[str, Any]) -> _DriverInsert | None:
-        """The instance INSERT of `_index_many`, compiled by SQLAlchemy for the engine's driver once, with its
-        positional parameter order and the DateTime conversion SQLAlchemy applies to `received_at` (None if it
-        does not compile to positional parameters, each a column: then `_index_many` does all the indexing)."""
+    def _compile_driver_insert(self) -> _DriverInsert | None:
+        """The instance INSERT of `_index_many` (every column but the key: what `_instance_row` and the series key
+        fill), compiled by SQLAlchemy for the engine's driver, with its positional parameter order and the DateTime
+        conversion SQLAlchemy applies to `received_at`; None if it does not compile to one positional parameter per
+        column (then `_index_many` does all the indexing)."""
         dialect = self.engine.dialect
-        compiled = self._insert_instance.compile(dialect=dialect, column_keys=[*row, "series_pk"])
+        wanted = [column.key for column in Instance.__table__.c if column.key != "pk"]
+        compiled = self._insert_instance.compile(dialect=dialect, column_keys=wanted)
         columns = tuple(compiled.positiontup or ())
-        if not compiled.positional or set(columns) != {*row, "series_pk"}:
+        if not compiled.positional or set(columns) != set(wanted):
             return None
         column_type = Instance.__table__.c.received_at.type
         received_at = column_type.dialect_impl(dialect).bind_processor(dialect)
-        self._driver_insert = (str(compiled), columns, received_at)
-        return self._driver_insert
+        return str(compiled), columns, received_at
 
     def _instance_row(
         self,
@@ -1145,8 +1150,7 @@ class Archive:
         if self._postgres:
             sql, params = "SELECT blob_key FROM blob_deletion WHERE blob_key = ANY(%s)", (keys,)
         else:
-            marks = ",".join("?" * len(keys))
-            sql, params = f"SELECT blob_key FROM blob_deletion WHERE blob_key IN ({marks})", tuple(keys)
+            sql, params = _sqlite_deleted_keys(keys), tuple(keys)
         deleted = {row[0] for row in conn.exec_driver_sql(sql, params)}
         for job in jobs:
             key = job.row["blob_key"]

@@ -511,12 +511,7 @@ def run_one(
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         console.print(f"[red]{result.target} {mode} failed:[/red]")
         console.print(str(exc)[-2000:], markup=False, highlight=False)
-    finally:
-        if not args.keep:
-            if args.defer_cleanup:
-                args.leftovers.append(workdir)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
+    # The run's data stays: `main` deletes a round's at its end (see INODE_RECENCY_S).
     if result.ok:
         console.print(
             f"{result.target:22} {mode:10} {result.seconds:7.2f}s {result.inst_per_s:8.1f} inst/s "
@@ -656,7 +651,7 @@ def markdown(results: list[Result], sets: list[BenchSet], args: argparse.Namespa
             f"deleted at the end of each round, and the next round started {INODE_RECENCY_S} s later, so that no run"
             " creates its files among inodes just deleted (ext4 without a journal skips those, one by one, for a"
             " minute)."
-            if args.defer_cleanup
+            if not args.keep
             else "kept (--keep)."
         ),
         "- Peak RSS is VmHWM of the server process; storescp forks per association, so it is not measured.",
@@ -774,15 +769,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # one by one: deleting each run's thousands of files right away made every next run's file creations scan them
     # (perf: about a tenth of vnpacs' CPU per object, in ext4_create and mkdir). A round's data is deleted when the
     # round ends, and the next round starts a minute later.
-    args.defer_cleanup = not args.keep
-    args.leftovers = []
+    leftovers: list[Path] = []  # this round's runs' data
+
+    def remove_leftovers() -> None:
+        if not args.keep:
+            for leftover in leftovers:
+                shutil.rmtree(leftover, ignore_errors=True)
+        leftovers.clear()
+
     runs: dict[tuple[str, str], list[Result]] = {}
     try:
         for round_no in range(1, args.rounds + 1):
-            if args.leftovers:
-                for leftover in args.leftovers:
-                    shutil.rmtree(leftover, ignore_errors=True)
-                args.leftovers.clear()
+            if leftovers and not args.keep:
+                remove_leftovers()
                 os.sync()
                 console.print(f"waiting {INODE_RECENCY_S} s for the deleted inodes to age (ext4 without a journal)")
                 time.sleep(INODE_RECENCY_S)
@@ -792,17 +791,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for assocs in args.assoc_list:
                     mode = f"{assocs} assoc"
                     where = workdir / f"{name}-{assocs}-{round_no}"
+                    leftovers.append(where)
                     runs.setdefault((name, mode), []).append(run_one(name, mode, assocs, ct, where, args, console))
             if large is not None:
                 warm_page_cache(large.files)
                 for name in args.target_list:
                     where = workdir / f"{name}-large-{round_no}"
+                    leftovers.append(where)
                     runs.setdefault((name, LARGE_MODE), []).append(
                         run_one(name, LARGE_MODE, 1, large, where, args, console)
                     )
     finally:
-        for leftover in args.leftovers:
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_leftovers()
         if own_workdir and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     results = [median_result(r) for r in runs.values()]

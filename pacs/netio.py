@@ -462,14 +462,19 @@ class _Spool:
             os.close(self._fd)
 
 
+def _spool_of(message: Any) -> _Spool | None:
+    """The spool file of a C-STORE data set being received into `message` (a DIMSE message), if any."""
+    spool = getattr(message, "_data_set_file", None)
+    return spool if isinstance(spool, _Spool) else None
+
+
 def _discard_unfinished(assoc: Any) -> None:
     """The association has ended (released, aborted, connection lost): a C-STORE data set still being received
     will never be complete. pynetdicom removes a spool file only after the handler ran, so without this each
     interrupted transfer would leave its partial file in the spool folder and its descriptor open."""
     dimse = getattr(assoc, "dimse", None)
-    message = getattr(dimse, "message", None)
-    spool = getattr(message, "_data_set_file", None)
-    if not isinstance(spool, _Spool):
+    spool = _spool_of(getattr(dimse, "message", None))
+    if spool is None:
         return
     spool.close()
     with contextlib.suppress(OSError):
@@ -526,8 +531,8 @@ def _patch_spool(dimse_messages: Any) -> None:
     def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
         complete: bool = orig_decode(self, primitive, assoc)
         if complete:
-            spool = getattr(self, "_data_set_file", None)
-            if isinstance(spool, _Spool):
+            spool = _spool_of(self)
+            if spool is not None:
                 spool.flush_to_disk_soon()
         return complete
 
@@ -695,10 +700,8 @@ def _patch_p_data(dul: Any, evt: Any, pdu_primitives: Any) -> None:
             self._idle_timer.restart()
 
     def _more_of_a_dataset(self: Any) -> bool:
-        message = self.assoc.dimse.message
         return (
-            message is not None
-            and isinstance(getattr(message, "_data_set_file", None), _Spool)
+            _spool_of(self.assoc.dimse.message) is not None
             and not self._kill_thread
             and self.to_provider_queue.empty()  # something to send (an abort, say) goes first, as in the loop
             and self.socket.ready

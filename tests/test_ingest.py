@@ -58,6 +58,7 @@ def test_new_objects_of_a_known_series_are_indexed_by_the_driver_and_everything_
     written either way read back the same, and the series counts stay right."""
     from sqlalchemy import insert
 
+    from storage.blobstore import blob_key_for
     from storage.models import BlobDeletion, InstanceConflict, utcnow
 
     url = f"sqlite:///{tmp_path / 'index.db'}"
@@ -83,8 +84,7 @@ def test_new_objects_of_a_known_series_are_indexed_by_the_driver_and_everything_
     assert general == [1, 1, 1]
 
     third = write_ct(tmp_path / "a", series="known", index=3)
-    key = archive.ingest_file(third).sha256
-    blob_key = f"{key[:2]}/{key}.dcm"
+    blob_key = blob_key_for(archive.ingest_file(third).sha256)
     fourth = write_ct(tmp_path / "c", series="known", index=3)  # the same bytes, sent again after a deletion
     with engine.begin() as conn:
         conn.execute(delete(Instance).where(Instance.blob_key == blob_key))
@@ -106,7 +106,7 @@ def test_new_objects_of_a_known_series_are_indexed_by_the_driver_and_everything_
     assert all(row.received_at is not None for row in rows.values())
     # The driver-level row (the second object) stores its time exactly as SQLAlchemy writes the others.
     assert len({len(value) for value in raw_times}) == 1 and all(value[4] == "-" for value in raw_times), raw_times
-    assert rows[stored.sop_instance_uid].blob_key == f"{stored.sha256[:2]}/{stored.sha256}.dcm"
+    assert rows[stored.sop_instance_uid].blob_key == blob_key_for(stored.sha256)
 
 
 def test_index_text_read_from_raw_bytes_equals_pydicoms_conversion() -> None:

@@ -196,3 +196,59 @@ def multipart_parts(response: httpx.Response) -> list[bytes]:
         headers, _, body = chunk.partition(b"\r\n\r\n")
         parts.append(body[:-2] if body.endswith(b"\r\n") else body)
     return parts
+
+
+# ---- transfers cut off in the middle of an object --------------------------------------------------------------
+
+
+def start_partial_store(
+    port: int, sop_class: str, sop_instance: str, transfer_syntax: str, data_set: bytes, *, called: str = "ANY-SCP"
+) -> Any:
+    """Associate and send a C-STORE's command and its data set's first three fragments (16 KiB PDUs), the rest never:
+    a modality cut off in the middle of an object. Returns the established association for `cut_off`."""
+    import io
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    scu = AE("CUTSCU")
+    scu.add_requested_context(sop_class, transfer_syntax)
+    assoc = scu.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    rq = C_STORE()
+    rq.MessageID = 1
+    rq.AffectedSOPClassUID = sop_class
+    rq.AffectedSOPInstanceUID = sop_instance
+    rq.Priority = 0
+    rq.DataSet = io.BytesIO(data_set)
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    pdus = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 16_384))
+    assert len(pdus) > 8, "the object must be several PDUs long"
+    for primitive in pdus[:4]:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        assoc.dul.socket.socket.sendall(pdu.encode())
+    return assoc
+
+
+def cut_off(assoc: Any, ending: str) -> None:
+    """End a `start_partial_store` association: an A-ABORT, or the connection dropped without one."""
+    if ending != "abort":
+        assoc.dul.socket.socket.shutdown(2)
+        assoc.dul.socket.socket.close()
+    assoc.abort()  # after a dropped connection this only ends the SCU's own reactor: nothing reaches the peer
+
+
+def descriptors_on(path: Path, pid: int | str = "self") -> list[str]:
+    """The file descriptors process `pid` holds open on `path` (unlinked or not)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(str(path)):  # "(deleted)" is appended once unlinked
+                found.append(fd.name)
+        except OSError:
+            continue
+    return found

@@ -596,14 +596,9 @@ def test_a_transfer_cut_off_mid_object_leaves_nothing_behind_in_the_server(
 ) -> None:
     """A modality sends the command and part of an object's data set, then aborts or loses its network: `vnpacs
     serve` stores nothing, removes the partial spool file and closes its descriptor, and keeps serving."""
-    import io
-    import os
-
     from pydicom.filebase import DicomBytesIO
-    from pynetdicom import AE
-    from pynetdicom.dimse_messages import C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.pdu import P_DATA_TF
+
+    from tests.scu import cut_off, descriptors_on, start_partial_store
 
     ds = dcmread(write_ct(tmp_path, study=f"cut-{ending}", size=512))
     encoded = DicomBytesIO()
@@ -613,53 +608,28 @@ def test_a_transfer_cut_off_mid_object_leaves_nothing_behind_in_the_server(
     spool_dir = Path(embedded.env["VNPACS_DATA_DIR"]) / "blobs" / ".tmp"
     before = set(spool_dir.iterdir())
     assert embedded.proc is not None
-    fd_dir = Path(f"/proc/{embedded.proc.pid}/fd")
+    pid = embedded.proc.pid
 
-    def descriptors_on(path: Path) -> list[str]:
-        found = []
-        for fd in fd_dir.iterdir():
-            try:
-                if os.readlink(fd).startswith(str(path)):  # "(deleted)" is appended once unlinked
-                    found.append(fd.name)
-            except OSError:
-                continue
-        return found
-
-    scu = AE("CUTSCU")
-    scu.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-    assoc = scu.associate("127.0.0.1", embedded.dicom_port, ae_title="VNPACS")
-    assert assoc.is_established
-    rq = C_STORE()
-    rq.MessageID = 1
-    rq.AffectedSOPClassUID = ds.SOPClassUID
-    rq.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    rq.Priority = 0
-    rq.DataSet = io.BytesIO(data_set)
-    message = C_STORE_RQ()
-    message.primitive_to_message(rq)
-    pdus = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 16_384))
-    assert len(pdus) > 8
-    for primitive in pdus[:4]:  # the command and a few of the data set's fragments
-        pdu = P_DATA_TF()
-        pdu.from_primitive(primitive)
-        assoc.dul.socket.socket.sendall(pdu.encode())
+    assoc = start_partial_store(
+        embedded.dicom_port,
+        str(ds.SOPClassUID),
+        str(ds.SOPInstanceUID),
+        str(ds.file_meta.TransferSyntaxUID),
+        data_set,
+        called="VNPACS",
+    )
     deadline = time.monotonic() + 10
     partial: list[Path] = []
     while not partial and time.monotonic() < deadline:
         partial = [p for p in spool_dir.iterdir() if p not in before]
         time.sleep(0.02)
     assert partial, "the server started spooling the object"
-    assert descriptors_on(partial[0]), "the server holds the partial object open"
-    if ending == "abort":
-        assoc.abort()
-    else:
-        assoc.dul.socket.socket.shutdown(2)
-        assoc.dul.socket.socket.close()
-        assoc.abort()  # ends the SCU's own reactor; nothing more reaches the server
+    assert descriptors_on(partial[0], pid), "the server holds the partial object open"
+    cut_off(assoc, ending)
     deadline = time.monotonic() + 10
-    while (partial[0].exists() or descriptors_on(partial[0])) and time.monotonic() < deadline:
+    while (partial[0].exists() or descriptors_on(partial[0], pid)) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not partial[0].exists()
-    assert descriptors_on(partial[0]) == []
+    assert descriptors_on(partial[0], pid) == []
     assert _count(embedded.dicom_port, SOPInstanceUID=str(ds.SOPInstanceUID)) == 0
     assert store_files(embedded.dicom_port, [write_ct(tmp_path, study=f"after-{ending}")]).popitem()[1].Status == 0

@@ -368,9 +368,10 @@ def test_a_transfer_interrupted_mid_data_set_leaves_no_file_and_no_descriptor(
     handed to the handler, its spool file is removed and its descriptor closed when the association ends (a server
     that runs for months would otherwise fill its spool folder and run out of descriptors), and the next
     association stores normally."""
-    import os
     import tempfile
     import time
+
+    from tests.scu import cut_off, descriptors_on, start_partial_store
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     port, received, _ = receiver
@@ -379,45 +380,15 @@ def test_a_transfer_interrupted_mid_data_set_leaves_no_file_and_no_descriptor(
     ds.save_as(encoded, enforce_file_format=False)
     data_set = encoded.getvalue()[encoded.getvalue().index(b"\x08\x00\x05\x00") :]
 
-    scu = AE("SCU")
-    scu.add_requested_context(CT, ExplicitVRLittleEndian)
-    assoc = scu.associate("127.0.0.1", port)
-    assert assoc.is_established
-    rq = _store_request(CT, ds.SOPInstanceUID, message_id=1)
-    rq.DataSet = io.BytesIO(data_set)
-    message = C_STORE_RQ()
-    message.primitive_to_message(rq)
-    context_id = assoc.accepted_contexts[0].context_id
-    pdus = list(message.encode_msg(context_id, 16_384))
-    sock = assoc.dul.socket.socket
-    for primitive in pdus[:4]:  # the command and a few fragments of ~20
-        pdu = P_DATA_TF()
-        pdu.from_primitive(primitive)
-        sock.sendall(pdu.encode())
-    spooled = []
+    assoc = start_partial_store(port, CT, ds.SOPInstanceUID, ExplicitVRLittleEndian, data_set)
+    spooled: list[Path] = []
     deadline = time.monotonic() + 10
     while not spooled and time.monotonic() < deadline:
         spooled = list(tmp_path.glob("*.dcm"))
         time.sleep(0.02)
     assert spooled, "the server started spooling the object"
-
-    def descriptors_on(path: Path) -> list[str]:
-        found = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(path)):  # "(deleted)" is appended once unlinked
-                    found.append(fd)
-            except OSError:
-                continue
-        return found
-
     assert descriptors_on(spooled[0]), "the spool holds the partial object open"
-    if ending == "abort":
-        assoc.abort()
-    else:
-        assoc.dul.socket.socket.shutdown(2)
-        assoc.dul.socket.socket.close()
-        assoc.abort()  # ends the SCU's own reactor; nothing more reaches the server
+    cut_off(assoc, ending)
     deadline = time.monotonic() + 10
     while list(tmp_path.glob("*.dcm")) and time.monotonic() < deadline:
         time.sleep(0.02)

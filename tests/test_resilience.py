@@ -37,7 +37,10 @@ class Pusher(threading.Thread):
 
     def run(self) -> None:
         ae = storage_ae("PUSHER")
-        ae.dimse_timeout = ae.network_timeout = 6  # a killed server must not keep the pusher waiting long
+        ae.dimse_timeout = 6  # a killed server must not keep the pusher waiting long for an answer
+        # The idle timer runs while `between` works (restarting S3 took over 6 s on a loaded CI host): keep it
+        # as long as a modality's, so the pusher does not abort the association during the outage itself.
+        ae.network_timeout = 60
         ae.add_requested_context(CT, [EXPLICIT_LE])
         assoc = ae.associate("127.0.0.1", self.port, ae_title="VNPACS")
         if not assoc.is_established:

@@ -345,26 +345,31 @@ def _quickack(sock: socket.socket) -> None:
 
 
 def _patch_recv(transport: Any) -> None:
-    """Read a whole PDU with one recv_into(MSG_WAITALL) instead of a Python loop of 4 KiB recv() calls."""
+    """Read a whole PDU with one recv(MSG_WAITALL) instead of a Python loop of 4 KiB recv() calls.
+
+    The bytes object recv() returns is filled by the kernel: no zeroed buffer to copy into first (a bytearray of
+    each 128 KB PDU cost more instructions than the rest of its reading). A short read (the socket's timeout, a
+    signal) is followed by more until the PDU is whole or the peer has closed."""
     cls = transport.AssociationSocket
     orig_recv = cls.recv
 
-    def recv(self: Any, nr_bytes: int) -> bytearray:
+    def recv(self: Any, nr_bytes: int) -> bytes:
         sock = self.socket
         if sock is None or nr_bytes <= 0 or not isinstance(sock, socket.socket):
             return orig_recv(self, nr_bytes)  # type: ignore[no-any-return]
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        nr_read = 0
-        while nr_read < nr_bytes:
-            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read, socket.MSG_WAITALL)
-            if not got:
-                view.release()  # a bytearray with a live memoryview cannot be resized
-                del buffer[nr_read:]  # connection closed: return what arrived, as pynetdicom does
-                break
-            nr_read += got
+        data = sock.recv(nr_bytes, socket.MSG_WAITALL)
+        if 0 < len(data) < nr_bytes:
+            parts = [data]
+            nr_read = len(data)
+            while nr_read < nr_bytes:
+                more = sock.recv(nr_bytes - nr_read, socket.MSG_WAITALL)
+                if not more:
+                    break  # connection closed: return what arrived, as pynetdicom does
+                parts.append(more)
+                nr_read += len(more)
+            data = b"".join(parts)
         _quickack(sock)
-        return buffer
+        return data
 
     cls.recv = recv
 

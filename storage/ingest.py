@@ -127,10 +127,26 @@ class _Header:
     size: int
 
 
+# One BaseTag object per tag number for the elements ingest reads: a dataset's dict then finds the key it is asked
+# for by identity, where a lookup with an equal but distinct BaseTag calls BaseTag.__eq__, a Python method.
+_TAGS: dict[int, BaseTag] = {}
+_TAGS_MAX = 8192  # tags seen in received objects (private ones included) are kept up to this many
+
+
+def _tag(tag: int) -> BaseTag:
+    key = _TAGS.get(tag)
+    if key is None:
+        key = BaseTag(tag)
+        if len(_TAGS) < _TAGS_MAX:
+            _TAGS[tag] = key
+    return key
+
+
 @functools.cache
-def _tag_vr(keyword: str) -> tuple[int | None, str]:
+def _tag_vr(keyword: str) -> tuple[BaseTag | None, str]:
+    """The tag and dictionary VR of `keyword` (a fixed set, from this module's code)."""
     tag = tag_for_keyword(keyword)
-    return tag, (dictionary_VR(tag) if tag is not None else "")
+    return (_tag(tag), dictionary_VR(tag)) if tag is not None else (None, "")
 
 
 def _encoding(ds: Dataset) -> list[str]:
@@ -343,7 +359,7 @@ def _file_meta(head: bytes) -> tuple[FileMetaDataset, int] | None:
             return None
         if length == UNDEFINED or start + length > end:
             return None
-        tag = BaseTag(0x00020000 | elem)
+        tag = _tag(0x00020000 | elem)
         elements[tag] = RawDataElement(tag, vr.decode(), length, head[start : start + length], start, False, True)
         pos = start + length
     if not elements or pos + 8 > end or struct.unpack_from("<H", head, pos)[0] == 0x0000:
@@ -380,7 +396,7 @@ def _raw_elements_le(head: bytes, pos: int, implicit: bool) -> tuple[dict[BaseTa
         if looks_explicit == implicit:
             return None
     elements: dict[BaseTag, RawDataElement] = {}
-    names, long_vrs, pixels = _VR_NAMES, _LONG_VR_NAMES, _PIXEL_DATA_TAGS
+    names, long_vrs, pixels, tags = _VR_NAMES, _LONG_VR_NAMES, _PIXEL_DATA_TAGS, _TAGS
     vr: str | None = None
     while pos < end:
         if pos + 8 > end:
@@ -404,7 +420,9 @@ def _raw_elements_le(head: bytes, pos: int, implicit: bool) -> tuple[dict[BaseTa
             break
         if tag == 0xFFFEE00D or length == UNDEFINED or at + length > end:
             return None
-        key = BaseTag(tag)
+        key = tags.get(tag)
+        if key is None:
+            key = _tag(tag)
         value = head[at : at + length] if length else cast(bytes | None, empty_value_for_VR(vr, raw=True))
         elements[key] = RawDataElement(key, vr, length, value, at, implicit, True)
         pos = at + length

@@ -635,10 +635,28 @@ def encode_store_response(rsp: Any) -> bytes | None:
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
+def _send_directly(dul: Any, watched: tuple[Any, ...]) -> bool:
+    """Whether a P-DATA-TF may be written to the socket at once, by the DUL thread itself, instead of queued for it.
+
+    The C-STORE handler runs in the DUL thread (see `_MessageQueue`); queueing its response means waking that same
+    thread through its pipe and a turn of its loop (select, pipe drain, queue, state machine) before action DT-1
+    (Sta6 + Evt9, staying in Sta6) sends it. With nothing else queued for the peer or the state machine and no
+    handler bound to the events that path would fire, sending it here is the same bytes in the same order."""
+    return (
+        threading.current_thread() is dul
+        and dul.state_machine.current_state == "Sta6"
+        and dul.to_provider_queue.empty()
+        and dul.event_queue.empty()
+        and isinstance(getattr(dul.socket, "socket", None), socket.socket)
+        and not any(dul.assoc.get_handlers(event) for event in watched)
+    )
+
+
 def _patch_send_store_response(dimse: Any, evt: Any, pdu_primitives: Any, dimse_primitives: Any) -> None:
     c_store = dimse_primitives.C_STORE
     p_data = pdu_primitives.P_DATA
     dimse_sent = evt.EVT_DIMSE_SENT
+    watched = (evt.EVT_PDU_SENT, evt.EVT_FSM_TRANSITION)
     orig_send_msg = dimse.DIMSEServiceProvider.send_msg
 
     def send_msg(self: Any, primitive: Any, context_id: int) -> None:
@@ -649,6 +667,12 @@ def _patch_send_store_response(dimse: Any, evt: Any, pdu_primitives: Any, dimse_
         ):
             encoded = encode_store_response(primitive)
             if encoded is not None and len(encoded) + 7 <= (self.maximum_pdu_size or 2**31):
+                dul = self.dul
+                if _send_directly(dul, watched):
+                    # PS3.8 9.3.5: P-DATA-TF, one PDV item: context ID, message control header (command, last).
+                    item = bytes((context_id, 0x03)) + encoded
+                    dul.socket.send(struct.pack(">BBLL", 0x04, 0, 4 + len(item), len(item)) + item)
+                    return
                 pdata = p_data()
                 pdata.presentation_data_value_list = [[context_id, b"\x03" + encoded]]  # command, last fragment
                 self.dul.send_pdu(pdata)

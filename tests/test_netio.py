@@ -17,6 +17,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 
 from pacs import netio
 
@@ -332,6 +333,48 @@ def test_received_objects_identical_on_either_path(
         e[e.index(b"\x08\x00\x05\x00") :] for e in expected
     ]
     assert all(b[128:132] == b"DICM" for b in received)
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_store_responses_sent_at_once_are_the_bytes_pynetdicom_sends(
+    receiver: tuple[int, list[bytes], AE], monkeypatch: pytest.MonkeyPatch, watched: bool
+) -> None:
+    """The handler's thread writes a C-STORE response to the socket itself rather than queueing it for the
+    reactor, unless a handler watches the events that path skips: the same PDUs reach the peer either way."""
+    port, _, ae = receiver
+    queued: list[P_DATA] = []
+    orig_send_pdu = DULServiceProvider.send_pdu
+
+    def count(self: DULServiceProvider, primitive: object) -> None:
+        if self.assoc.is_acceptor and isinstance(primitive, P_DATA):
+            queued.append(primitive)
+        orig_send_pdu(self, primitive)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DULServiceProvider, "send_pdu", count)
+    if watched:
+        ae._servers[0].bind(evt.EVT_PDU_SENT, lambda event: None)
+    raw: list[bytes] = []
+    scu = AE("SCU")
+    scu.add_requested_context(CT, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", port, evt_handlers=[(evt.EVT_DATA_RECV, lambda e: raw.append(bytes(e.data)))])
+    assert assoc.is_established
+    datasets = [_ct(n, nbytes) for n, nbytes in enumerate([256, 300_000])]
+    try:
+        assert [int(assoc.send_c_store(ds).Status) for ds in datasets] == [0, 0]
+    finally:
+        assoc.release()
+    expected = []
+    for ds in datasets:
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = 1  # send_c_store's default message ID
+        rsp.AffectedSOPClassUID = CT
+        rsp.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        rsp.Status = 0x0000
+        message = C_STORE_RSP()
+        message.primitive_to_message(rsp)
+        expected.extend(P_DATA_TF(p_data).encode() for p_data in message.encode_msg(1, 131072))
+    assert [pdu for pdu in raw if pdu[0] == 0x04] == expected
+    assert len(queued) == (2 if watched else 0)
 
 
 def test_receiving_starts_writeback_but_never_waits_on_the_disk(

@@ -643,12 +643,12 @@ def _send_directly(dul: Any, watched: tuple[Any, ...]) -> bool:
     (Sta6 + Evt9, staying in Sta6) sends it. With nothing else queued for the peer or the state machine and no
     handler bound to the events that path would fire, sending it here is the same bytes in the same order."""
     return (
-        threading.current_thread() is dul
-        and dul.state_machine.current_state == "Sta6"
+        dul.state_machine.current_state == "Sta6"
         and dul.to_provider_queue.empty()
         and dul.event_queue.empty()
         and isinstance(getattr(dul.socket, "socket", None), socket.socket)
         and not any(dul.assoc.get_handlers(event) for event in watched)
+        and threading.current_thread() is dul
     )
 
 

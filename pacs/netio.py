@@ -158,11 +158,12 @@ class _ReactorTime:
             _time.sleep(0.001)
             return
         try:
-            select.select([raw, wake.r], [], [], _IDLE_WAIT)
+            readable, _, _ = select.select([raw, wake.r], [], [], _IDLE_WAIT)
         except (OSError, ValueError):
             _time.sleep(0.001)
             return
-        wake.drain()
+        if wake.r in readable:  # otherwise the pipe is empty: no read (and no EAGAIN) needed
+            wake.drain()
 
 
 def _set_nodelay(sock: socket.socket | None) -> None:

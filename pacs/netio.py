@@ -636,6 +636,16 @@ def encode_store_response(rsp: Any) -> bytes | None:
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
+def _quiet_data_transfer(dul: Any, watched: tuple[Any, ...]) -> bool:
+    """The association is in Sta6 (data transfer) with no event waiting for its state machine and no handler bound
+    to the `watched` events: where a P-DATA-TF may be handled outside pynetdicom's event loop, received or sent."""
+    return (
+        dul.state_machine.current_state == "Sta6"
+        and dul.event_queue.empty()
+        and not any(dul.assoc.get_handlers(event) for event in watched)
+    )
+
+
 def _send_directly(dul: Any, watched: tuple[Any, ...]) -> bool:
     """Whether a P-DATA-TF may be written to the socket at once, by the DUL thread itself, instead of queued for it.
 
@@ -644,11 +654,9 @@ def _send_directly(dul: Any, watched: tuple[Any, ...]) -> bool:
     (Sta6 + Evt9, staying in Sta6) sends it. With nothing else queued for the peer or the state machine and no
     handler bound to the events that path would fire, sending it here is the same bytes in the same order."""
     return (
-        dul.state_machine.current_state == "Sta6"
+        _quiet_data_transfer(dul, watched)
         and dul.to_provider_queue.empty()
-        and dul.event_queue.empty()
         and isinstance(getattr(dul.socket, "socket", None), socket.socket)
-        and not any(dul.assoc.get_handlers(event) for event in watched)
         and threading.current_thread() is dul
     )
 
@@ -764,20 +772,14 @@ def _patch_p_data(dul: Any, evt: Any, pdu_primitives: Any) -> None:
             log.error("the received PDU is shorter than expected (%d of %d bytes)", 6 + len(body), 6 + length)
             self.event_queue.put("Evt17")
             return False
-        assoc = self.assoc
-        if (
-            pdu_type == 0x04
-            and self.state_machine.current_state == "Sta6"
-            and self.event_queue.empty()
-            and not any(assoc.get_handlers(event) for event in watched)
-        ):
+        if pdu_type == 0x04 and _quiet_data_transfer(self, watched):
             pdvs = split_pdvs(body)
             if pdvs is not None:
                 primitive = p_data()
                 # Set past the setter, which accepts only bytes: every reader (DIMSE's decode_msg, below) indexes
                 # the fragment and slices it, which a memoryview does without a copy.
                 primitive._presentation_data_value_list = pdvs
-                assoc.dimse.receive_primitive(primitive)  # DT-2
+                self.assoc.dimse.receive_primitive(primitive)  # DT-2
                 return True
         try:
             pdu, event = self._decode_pdu(head + body)
